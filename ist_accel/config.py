@@ -1,0 +1,108 @@
+"""`ISTConfig`: every knob of independent subnet training, validated up front.
+
+Validation here is model-free (types and ranges); checks that need the model
+(enough blocks for the subnets, splittable widths) live in the decompositions and
+run before any process group or file is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DECOMPOSITIONS = ("auto", "resist", "ist_mlp")
+OPTIMIZER_STATE_POLICIES = ("reset", "carry")
+WIRE_DTYPES = ("fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass
+class ISTConfig:
+    """Configuration of an IST / ResIST run.
+
+    Args:
+        num_subnets: S, the number of subnets (groups of ranks) per round.
+        local_steps: optimizer steps between two synchronizations (a round).
+        min_blocks: ResIST minimum subnet depth m per partitioned stage (0: none).
+            Where ``S * m`` exceeds the stage's blocks, blocks repeat across subnets.
+        decomposition: ``"resist"`` (residual blocks, arXiv 2107.00961),
+            ``"ist_mlp"`` (hidden neurons, arXiv 1910.02120) or ``"auto"``.
+        stages: ResIST stages to partition: ``"longest"`` (the paper: the longest
+            stage without its first block), ``"all"``, or an explicit override such
+            as ``"layer3"`` or ``"layer2:1-3,layer3:1-22"`` (container path, block range).
+        optimizer_state: ``"reset"`` (the papers: fresh state each round) or
+            ``"carry"`` (state travels with its unit, averaged over holders).
+        group_size: G, ranks training one subnet together (data parallel inside).
+        seed: shared seed; the assignment of round r is a pure function of (seed, r).
+        eval_scaling: scale partitioned units in the evaluation view (ResIST: the
+            residual branch by ``max(1/S, m/N)``; IST: inputs of cut layers by ``1/S``).
+        wire_dtype: dtype on the wire for the exchange; master values stay fp32.
+        nonfinite: what to do with a subnet whose update holds NaN/Inf at sync.
+    """
+
+    num_subnets: int = 2
+    local_steps: int = 50
+    min_blocks: int = 0
+    decomposition: str = "auto"
+    stages: str = "longest"
+    optimizer_state: str = "reset"
+    group_size: int = 1
+    seed: int = 0
+    eval_scaling: bool = True
+    wire_dtype: str = "fp32"
+    nonfinite: str = "raise"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field and what is accepted."""
+        _check_int("num_subnets", self.num_subnets, minimum=1)
+        _check_int("local_steps", self.local_steps, minimum=1)
+        _check_int("min_blocks", self.min_blocks, minimum=0)
+        _check_int("group_size", self.group_size, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
+        _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
+        _check_choice("wire_dtype", self.wire_dtype, WIRE_DTYPES)
+        _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if not isinstance(self.eval_scaling, bool):
+            raise ValueError(f"eval_scaling must be True or False, got {self.eval_scaling!r}")
+        if not isinstance(self.stages, str) or not self.stages.strip():
+            raise ValueError(
+                f"stages must be 'longest', 'all' or a list like 'layer3:1-22', got {self.stages!r}"
+            )
+
+    def check_world_size(self, world_size: int) -> None:
+        """World = S subnet groups x G ranks; raise if ``world_size`` does not fit."""
+        expected = self.num_subnets * self.group_size
+        if world_size != expected:
+            raise ValueError(
+                f"world size {world_size} does not fit num_subnets={self.num_subnets} x "
+                f"group_size={self.group_size} = {expected}; launch {expected} processes or "
+                f"choose num_subnets x group_size = {world_size}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the config, for rank agreement checks."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

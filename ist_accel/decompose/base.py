@@ -1,0 +1,207 @@
+"""What a subnet is, independent of the model family.
+
+A decomposition splits a global model into *groups* of interchangeable *units*
+(ResIST: the blocks of a residual stage; IST: the neurons of a hidden layer). An
+:class:`Assignment` gives every subnet a sorted tuple of unit indices per group.
+A subnet is a physically smaller module of fixed shape; :class:`Piece` records
+where each of its tensors comes from in the global model for one assignment, so
+refilling, writing back and exchanging are generic index operations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Index = tuple["torch.Tensor | None", ...] | None
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Which units each subnet holds in one round: ``units[s][group]`` is sorted."""
+
+    round: int
+    units: tuple[Mapping[str, tuple[int, ...]], ...]
+
+    @property
+    def num_subnets(self) -> int:
+        return len(self.units)
+
+    def holders(self, group: str, unit: int) -> tuple[int, ...]:
+        """The subnets that hold ``unit`` of ``group`` this round."""
+        return tuple(s for s, u in enumerate(self.units) if unit in u[group])
+
+    def digest(self) -> str:
+        """A stable hash, so ranks can confirm they derived the same assignment."""
+        blob = repr([(g, u[g]) for u in self.units for g in sorted(u)]).encode()
+        return hashlib.sha256(f"{self.round}:".encode() + blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Subnet tensor ``subnet_name`` equals ``global[global_name][index]``.
+
+    ``index`` is ``None`` for the whole tensor, else one entry per leading dim:
+    a sorted ``LongTensor`` of kept positions or ``None`` for a dim kept whole.
+    """
+
+    subnet_name: str
+    global_name: str
+    index: Index = None
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Read this piece out of the global tensor (a copy)."""
+        if self.index is None:
+            return tensor.detach().clone()
+        out = tensor.detach()
+        for dim, idx in enumerate(self.index):
+            if idx is not None:
+                out = out.index_select(dim, idx)
+        return out.clone()
+
+    def scatter_add(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        """``target[index] += value`` (in place)."""
+        if self.index is None:
+            target.add_(value)
+            return
+        target.index_put_(self._grid(target), value, accumulate=True)
+
+    def numel(self, global_shape: torch.Size) -> int:
+        n = 1
+        for dim, size in enumerate(global_shape):
+            idx = self.index[dim] if self.index is not None and dim < len(self.index) else None
+            n *= size if idx is None else len(idx)
+        return n
+
+    def _grid(self, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        axes = []
+        for dim, size in enumerate(target.shape):
+            idx = self.index[dim] if dim < len(self.index) else None
+            axes.append(torch.arange(size) if idx is None else idx)
+        return torch.meshgrid(*axes, indexing="ij")
+
+
+def seeded_generator(seed: int, round_: int, group: str) -> torch.Generator:
+    """A generator that depends only on (seed, round, group): the same on every rank."""
+    digest = hashlib.sha256(f"ist:{seed}:{round_}:{group}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and floating-point buffers: everything that is averaged.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) stay local to a subnet.
+    """
+    out = dict(module.named_parameters())
+    out.update((n, b) for n, b in module.named_buffers() if b.is_floating_point())
+    return out
+
+
+class Decomposition(ABC):
+    """Splits one global model into ``num_subnets`` fixed-shape subnets per round."""
+
+    num_subnets: int
+
+    @property
+    @abstractmethod
+    def groups(self) -> dict[str, int]:
+        """Group name -> number of interchangeable units in it."""
+
+    @abstractmethod
+    def assignment(self, round_: int) -> Assignment:
+        """The units of each subnet in ``round_``: a pure function of (seed, round)."""
+
+    @abstractmethod
+    def build_subnet(self, subnet: int) -> nn.Module:
+        """A new fixed-shape module for subnet ``subnet`` (values are refilled later)."""
+
+    @abstractmethod
+    def pieces(self, assignment: Assignment, subnet: int) -> list[Piece]:
+        """Where each tensor of ``subnet`` comes from under ``assignment``."""
+
+    @abstractmethod
+    def eval_view(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """The global model with every unit active and eval scaling applied."""
+
+    @abstractmethod
+    def shared_names(self) -> set[str]:
+        """Global tensors that every subnet holds whole in every round."""
+
+    # ---- generic operations -------------------------------------------------
+
+    def global_shapes(self) -> dict[str, torch.Size]:
+        return {n: t.shape for n, t in state_tensors(self.model).items()}
+
+    def subnet_numel(self, subnet: int, params_only: bool = True) -> int:
+        """Elements of subnet ``subnet`` (parameters only by default)."""
+        shapes = self.global_shapes()
+        names = {n for n, _ in self.model.named_parameters()} if params_only else set(shapes)
+        pieces = self.pieces(self.assignment(0), subnet)
+        return sum(p.numel(shapes[p.global_name]) for p in pieces if p.global_name in names)
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}(S={self.num_subnets}, groups={self.groups})"
+
+    model: nn.Module
+
+
+def load_subnet(
+    subnet: nn.Module, global_state: Mapping[str, torch.Tensor], pieces: list[Piece]
+) -> None:
+    """Refill ``subnet`` in place from the global tensors (start of a round)."""
+    local = state_tensors(subnet)
+    with torch.no_grad():
+        for piece in pieces:
+            local[piece.subnet_name].copy_(piece.gather(global_state[piece.global_name]))
+
+
+def average_into_global(
+    global_state: Mapping[str, torch.Tensor],
+    contributions: list[tuple[list[Piece], Mapping[str, torch.Tensor]]],
+) -> None:
+    """Average each global element over the subnets that held it (DESIGN: averaging).
+
+    ``contributions`` is one ``(pieces, subnet_tensors)`` pair per subnet. Elements no
+    subnet held keep their value; an element with one holder is a plain copy.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
+    for pieces, tensors in contributions:
+        for piece in pieces:
+            g = global_state[piece.global_name]
+            if piece.global_name not in sums:
+                sums[piece.global_name] = torch.zeros_like(g, dtype=torch.float64)
+                counts[piece.global_name] = torch.zeros(g.shape, dtype=torch.float64)
+            value = tensors[piece.subnet_name].detach().to(torch.float64)
+            piece.scatter_add(sums[piece.global_name], value)
+            piece.scatter_add(counts[piece.global_name], torch.ones_like(value))
+    with torch.no_grad():
+        for name, total in sums.items():
+            held = counts[name] > 0
+            g = global_state[name]
+            mean = total / counts[name].clamp_min(1)
+            g.copy_(torch.where(held, mean, g.to(torch.float64)).to(g.dtype))
+
+
+@contextlib.contextmanager
+def forward_scaling(hooks: list[tuple[nn.Module, float, str]]) -> Iterator[None]:
+    """Temporarily multiply a module's output (``"out"``) or input (``"in"``) by a factor."""
+    handles = []
+    for module, factor, where in hooks:
+        if where == "out":
+            handles.append(module.register_forward_hook(lambda m, i, o, f=factor: o * f))
+        else:
+            handles.append(
+                module.register_forward_pre_hook(lambda m, i, f=factor: (i[0] * f, *i[1:]))
+            )
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,159 @@
+"""A single-process reference of IST rounds: the ground truth for distributed runs.
+
+One round (IST Alg. 1 of arXiv 1910.02120; ResIST Alg. 1 of arXiv 2107.00961):
+sample the assignment, refill every subnet from the global model, train the S
+subnets one after another on their own batches, then average every parameter,
+floating-point buffer (BatchNorm statistics) and, under ``carry``, optimizer state
+over the subnets that held it. A subnet trained by a group of G ranks is simulated as
+G replicas whose gradients are averaged each step and whose buffers are averaged at
+the end of the round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .decompose import Decomposition, Piece, average_into_global, load_subnet, state_tensors
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+class ReferenceIST:
+    """Runs IST rounds on one process, subnet after subnet.
+
+    Args:
+        decomposition: how the global model (``decomposition.model``) is split.
+        optimizer_factory: builds an optimizer over a subnet's parameters; built once
+            per subnet (subnets have fixed shapes) and refilled every round.
+        optimizer_state: ``"reset"`` clears the state each round (the papers);
+            ``"carry"`` keeps a global copy, averaged over holders like parameters.
+    """
+
+    def __init__(
+        self,
+        decomposition: Decomposition,
+        optimizer_factory: OptimizerFactory,
+        optimizer_state: str = "reset",
+    ) -> None:
+        if optimizer_state not in ("reset", "carry"):
+            raise ValueError(f"optimizer_state must be 'reset' or 'carry', got {optimizer_state!r}")
+        self.decomposition = decomposition
+        self.optimizer_state = optimizer_state
+        self.subnets = [decomposition.build_subnet(s) for s in range(decomposition.num_subnets)]
+        self.optimizers = [optimizer_factory(list(m.parameters())) for m in self.subnets]
+        self.global_tensors = state_tensors(decomposition.model)
+        self.global_optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+        self.round = 0
+
+    def run_round(self, batches: Sequence[Sequence[Sequence[Any]]], loss_fn: LossFn) -> None:
+        """One round. ``batches[s][g][t]`` is step ``t`` of replica ``g`` of subnet ``s``."""
+        d = self.decomposition
+        if len(batches) != d.num_subnets:
+            raise ValueError(f"need batches for {d.num_subnets} subnets, got {len(batches)}")
+        assignment = d.assignment(self.round)
+        contributions, state_contributions = [], []
+        for s, (subnet, optimizer) in enumerate(zip(self.subnets, self.optimizers)):
+            pieces = d.pieces(assignment, s)
+            load_subnet(subnet, self.global_tensors, pieces)
+            optimizer.state.clear()
+            if self.optimizer_state == "carry":
+                load_optimizer_state(optimizer, subnet, self.global_optimizer_state, pieces)
+            train_group(subnet, optimizer, batches[s], loss_fn)
+            contributions.append((pieces, state_tensors(subnet)))
+            state_contributions.append((pieces, optimizer_state_by_name(optimizer, subnet)))
+        average_into_global(self.global_tensors, contributions)
+        if self.optimizer_state == "carry":
+            average_optimizer_state(self.global_optimizer_state, self.global_tensors, state_contributions)
+        self.round += 1
+
+
+def train_group(
+    subnet: nn.Module, optimizer: torch.optim.Optimizer, replica_batches: Sequence[Sequence[Any]], loss_fn: LossFn
+) -> None:
+    """Local steps of one subnet trained by ``G = len(replica_batches)`` data-parallel
+    replicas: gradients averaged every step, float buffers averaged at the end."""
+    G = len(replica_batches)
+    steps = len(replica_batches[0])
+    buffers = {n: b for n, b in subnet.named_buffers() if b.is_floating_point()}
+    replica_buffers = [{n: b.clone() for n, b in buffers.items()} for _ in range(G)]
+    subnet.train()
+    for t in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        for g in range(G):
+            _swap_buffers(buffers, replica_buffers[g])
+            loss = loss_fn(subnet, replica_batches[g][t])
+            (loss / G).backward()
+            replica_buffers[g] = {n: b.clone() for n, b in buffers.items()}
+        optimizer.step()
+    with torch.no_grad():
+        for n, b in buffers.items():
+            b.copy_(torch.stack([r[n] for r in replica_buffers]).to(torch.float64).mean(0).to(b.dtype))
+
+
+def _swap_buffers(buffers: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, b in buffers.items():
+            b.copy_(values[n])
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """``optimizer.state`` keyed by parameter name (tensor-valued entries only)."""
+    names = {p: n for n, p in module.named_parameters()}
+    return {
+        names[p]: {k: v for k, v in st.items() if isinstance(v, torch.Tensor)}
+        for p, st in optimizer.state.items()
+        if p in names
+    }
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    module: nn.Module,
+    global_state: dict[str, dict[str, torch.Tensor]],
+    pieces: list[Piece],
+) -> None:
+    """``carry``: give each subnet parameter the global optimizer state of its unit."""
+    params = dict(module.named_parameters())
+    for piece in pieces:
+        p = params.get(piece.subnet_name)
+        if p is None or piece.global_name not in global_state:
+            continue
+        optimizer.state[p] = {
+            k: piece.gather(v) if v.dim() > 0 else v.clone()
+            for k, v in global_state[piece.global_name].items()
+        }
+
+
+def average_optimizer_state(
+    global_state: dict[str, dict[str, torch.Tensor]],
+    global_tensors: dict[str, torch.Tensor],
+    contributions: list[tuple[list[Piece], dict[str, dict[str, torch.Tensor]]]],
+) -> None:
+    """Average optimizer state over holders, like parameters. Per-element state (momentum,
+    Adam moments) is averaged element-wise; scalars (Adam's step) over holders of the
+    tensor. Elements never trained keep zeros, which SGD and Adam treat as fresh state."""
+    keys = {k for _, st in contributions for per in st.values() for k in per}
+    for key in keys:
+        targets: dict[str, torch.Tensor] = {}
+        per_key = []
+        for pieces, state in contributions:
+            local, mapped = {}, []
+            for piece in pieces:
+                value = state.get(piece.subnet_name, {}).get(key)
+                if value is None:
+                    continue
+                g = global_tensors[piece.global_name]
+                scalar = value.dim() == 0
+                if piece.global_name not in global_state or key not in global_state[piece.global_name]:
+                    shape = value.shape if scalar else g.shape
+                    global_state.setdefault(piece.global_name, {})[key] = torch.zeros(shape, dtype=value.dtype)
+                targets[piece.global_name] = global_state[piece.global_name][key]
+                local[piece.subnet_name] = value
+                mapped.append(Piece(piece.subnet_name, piece.global_name, None) if scalar else piece)
+            per_key.append((mapped, local))
+        average_into_global(targets, per_key)
