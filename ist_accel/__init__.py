@@ -1,0 +1,34 @@
+"""ist_accel: Independent Subnet Training (IST, ResIST) for the Hugging Face / DeepSpeed stack."""
+
+from .accounting import RoundBytes, lower_bound, ring_allreduce_bytes
+from .config import ISTConfig
+from .decompose import (
+    Assignment,
+    Decomposition,
+    MLPDecomposition,
+    Piece,
+    ResidualDecomposition,
+    decompose,
+    find_residual_stages,
+)
+from .plan import Plan, make_plan
+from .reference import ReferenceIST
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Assignment",
+    "Decomposition",
+    "ISTConfig",
+    "MLPDecomposition",
+    "Piece",
+    "Plan",
+    "ReferenceIST",
+    "ResidualDecomposition",
+    "RoundBytes",
+    "decompose",
+    "find_residual_stages",
+    "lower_bound",
+    "make_plan",
+    "ring_allreduce_bytes",
+]

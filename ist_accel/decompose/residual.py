@@ -41,7 +41,7 @@ class ResidualStage:
         return self.stop - self.start
 
     def block_name(self, position: int) -> str:
-        return f"{self.path}.{position}"
+        return f"{self.path}.{position}" if self.path else str(position)
 
 
 def find_residual_stages(model: nn.Module, example_input: torch.Tensor | None = None) -> list[ResidualStage]:
@@ -232,7 +232,11 @@ class ResidualDecomposition(Decomposition):
         )
 
     def build_subnet(self, subnet: int) -> nn.Module:
+        """A copy of the model whose partitioned runs hold ``k_s`` block slots each (the
+        partitioned blocks themselves are never copied: slots are refilled per round)."""
         originals = {st.path: get_module(self.model, st.path) for st in self.stages}
+        if "" in originals:  # the model itself is the stage container
+            return self._rebuilt_stage(self.stages[0], originals[""], subnet)
         try:
             for st in self.stages:
                 set_module(self.model, st.path, nn.Sequential())
@@ -241,13 +245,15 @@ class ResidualDecomposition(Decomposition):
             for path, container in originals.items():
                 set_module(self.model, path, container)
         for st in self.stages:
-            children = list(originals[st.path])
-            slots = [copy.deepcopy(children[st.start]) for _ in range(self.depths[st.path][subnet])]
-            kept = [copy.deepcopy(c) for c in children[: st.start]] + slots
-            kept += [copy.deepcopy(c) for c in children[st.stop :]]
-            container = originals[st.path]
-            set_module(sub, st.path, nn.ModuleList(kept) if isinstance(container, nn.ModuleList) else nn.Sequential(*kept))
+            set_module(sub, st.path, self._rebuilt_stage(st, originals[st.path], subnet))
         return sub
+
+    def _rebuilt_stage(self, st: ResidualStage, container: nn.Module, subnet: int) -> nn.Module:
+        children = list(container)
+        slots = [copy.deepcopy(children[st.start]) for _ in range(self.depths[st.path][subnet])]
+        kept = [copy.deepcopy(c) for c in children[: st.start]] + slots
+        kept += [copy.deepcopy(c) for c in children[st.stop :]]
+        return nn.ModuleList(kept) if isinstance(container, nn.ModuleList) else nn.Sequential(*kept)
 
     def pieces(self, assignment: Assignment, subnet: int) -> list[Piece]:
         held = assignment.units[subnet]
@@ -263,11 +269,11 @@ class ResidualDecomposition(Decomposition):
                 relative = position - st.start
                 if relative in held[st.path]:
                     slot = held[st.path].index(relative)
-                    out.append(Piece(f"{st.path}.{st.start + slot}.{rest}", name))
+                    out.append(Piece(f"{st.block_name(st.start + slot)}.{rest}", name))
             elif position < st.start:
                 out.append(Piece(name, name))
             else:
-                out.append(Piece(f"{st.path}.{position - st.num_blocks + k}.{rest}", name))
+                out.append(Piece(f"{st.block_name(position - st.num_blocks + k)}.{rest}", name))
         return out
 
     def shared_names(self) -> set[str]:
