@@ -13,18 +13,21 @@ from .decompose import (
 )
 from .plan import Plan, make_plan
 from .reference import ReferenceIST
+from .round import IST, RoundMetrics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Assignment",
     "Decomposition",
+    "IST",
     "ISTConfig",
     "MLPDecomposition",
     "Piece",
     "Plan",
     "ReferenceIST",
     "ResidualDecomposition",
+    "RoundMetrics",
     "RoundBytes",
     "decompose",
     "find_residual_stages",

@@ -1,0 +1,418 @@
+"""The round state machine over torch.distributed (IST Alg. 1; ResIST Alg. 1).
+
+World = S subnet groups x G ranks; rank ``r`` trains subnet ``r // G``. The user's loop
+stays ``loss.backward(); optimizer.step(); optimizer.zero_grad()`` on ``ist.model``
+and ``ist.optimizer``: optimizer hooks average gradients inside the group before every
+step (DDP semantics) and, every ``local_steps`` steps, synchronize across groups: the
+round's subnets are averaged over holders and the next round's are dispatched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .accounting import RoundBytes
+from .config import ISTConfig
+from .decompose import Assignment, Piece, decompose, load_subnet, state_tensors
+from .exchange import CommStats, Exchange, Field, _locations, _positions
+from .reference import optimizer_state_by_name
+
+logger = logging.getLogger(__name__)
+
+OptimizerLike = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass
+class RoundMetrics:
+    """What one synchronization moved and cost, for this rank."""
+
+    round: int
+    bytes_sent: int
+    bytes_received: int
+    bytes_lower: float
+    allreduce_bytes: int
+    intra_group_bytes: int
+    sync_seconds: float
+    compute_seconds: float
+
+
+@dataclass
+class Totals:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_lower: float = 0.0
+    sync_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    rounds: int = 0
+    history: list[RoundMetrics] = field(default_factory=list)
+
+
+class IST:
+    """Independent subnet training over an initialized ``torch.distributed`` world.
+
+    Args:
+        model: the global model, identical on every rank (rank 0's values are broadcast).
+        optimizer: an optimizer factory ``params -> Optimizer``, or an optimizer built
+            over ``model``'s parameters (its class and defaults are reused for the subnet).
+        config: the :class:`~ist_accel.ISTConfig`; its world size must be S x G.
+        free_global: drop the global model's storage after set-up (a rank then holds only
+            its subnet and its owner shard); :meth:`gather_global` brings it back.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerLike,
+        config: ISTConfig,
+        *,
+        example_input: torch.Tensor | None = None,
+        free_global: bool = True,
+    ) -> None:
+        config.validate()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("IST needs torch.distributed initialized (torchrun / init_process_group)")
+        config.check_world_size(dist.get_world_size())
+        self.config = config
+        self.decomposition = decompose(model, config, example_input)  # validates model vs config
+        S, G = config.num_subnets, config.group_size
+        self.rank = dist.get_rank()
+        self.group_index, self.replica = divmod(self.rank, G)
+        self.is_leader = self.replica == 0
+        # every process group is created here, once: one per subnet group, one of leaders
+        groups = [dist.new_group(list(range(s * G, (s + 1) * G))) for s in range(S)] if G > 1 else []
+        self.intra = groups[self.group_index] if G > 1 else None
+        self.leaders = dist.new_group([s * G for s in range(S)]) if G > 1 else None
+        self.model_global = model
+        self.global_shapes = {n: (t.shape, t.dtype) for n, t in state_tensors(model).items()}
+        self._broadcast_global(model)
+        self.assignment = self.decomposition.assignment(0)
+        self.subnet = self.decomposition.build_subnet(self.group_index)
+        self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
+        load_subnet(self.subnet, state_tensors(model), self.pieces)
+        self.exchange = Exchange(self.group_index, S, self.leaders, config.wire_dtype, [s * G for s in range(S)]) if self.is_leader else None
+        if self.exchange is not None:
+            self._init_owner_shards(model)
+        self.optimizer = self._make_optimizer(optimizer)
+        self._hooks = [
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
+        ]
+        self.steps = 0
+        self.round = 0
+        self.totals = Totals()
+        self._round_started = time.perf_counter()
+        if free_global:
+            self._free_global()
+
+    # ---- the user-facing pieces ----------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        """The subnet this rank trains (fixed shape; refilled every round)."""
+        return self.subnet
+
+    def sync(self) -> RoundMetrics:
+        """End the round now: average over holders and dispatch the next assignment."""
+        compute = time.perf_counter() - self._round_started
+        start = time.perf_counter()
+        following = self.decomposition.assignment(self.round + 1)
+        stats = CommStats()
+        if self.intra is not None:
+            self._average_buffers_in_group(stats)
+        fields = self._fields(following)
+        staged: dict[str, torch.Tensor] = {}
+        if self.exchange is not None:
+            stats.add(self.exchange.run(fields, self._read, staged.__setitem__))
+        next_pieces = self.decomposition.pieces(following, self.group_index)
+        self._apply(staged, next_pieces)
+        if self.intra is not None:
+            self._broadcast_subnet(stats)
+        if self.config.optimizer_state == "reset":
+            self.optimizer.state.clear()
+        lower = self._lower_bound(fields)
+        self.assignment, self.pieces = following, next_pieces
+        metrics = RoundMetrics(
+            self.round, stats.sent + stats.allreduce_sent, stats.received + stats.allreduce_sent, lower,
+            stats.allreduce_sent, stats.intra_group, time.perf_counter() - start, compute,
+        )
+        self.round += 1
+        t = self.totals
+        t.bytes_sent += metrics.bytes_sent
+        t.bytes_received += metrics.bytes_received
+        t.bytes_lower += lower
+        t.sync_seconds += metrics.sync_seconds
+        t.compute_seconds += compute
+        t.rounds += 1
+        t.history.append(metrics)
+        self._round_started = time.perf_counter()
+        return metrics
+
+    def gather_global(self, dst: int | None = 0) -> nn.Module | None:
+        """The global model as it stands after the last sync, on rank ``dst`` (``None``: all).
+
+        Must be called on every rank at a round boundary (no step since the last sync).
+        """
+        names = list(self.global_shapes)
+        state = {n: torch.zeros(self.global_shapes[n][0], dtype=torch.float64) for n in names}
+        filled = {n: torch.zeros(self.global_shapes[n][0], dtype=torch.bool) for n in names}
+        if self.is_leader:
+            local = state_tensors(self.subnet)
+            for piece in self.pieces:
+                _scatter(state[piece.global_name], piece, local[piece.subnet_name])
+                _scatter(filled[piece.global_name], piece, torch.ones_like(local[piece.subnet_name], dtype=torch.bool))
+            held_anywhere = self._held_anywhere()
+            for name, value in self.exchange.owners.values.items():
+                if name in state:
+                    lo, hi = self.exchange.owners.rows[name]
+                    unheld = ~held_anywhere[name][lo:hi]
+                    state[name][lo:hi][unheld] = value[unheld].to(state[name].dtype)
+                    filled[name][lo:hi] |= unheld
+        # one element can be filled by several holders (same value after sync): average
+        flat = torch.cat([state[n].reshape(-1).to(torch.float64) for n in names])
+        count = torch.cat([filled[n].reshape(-1).to(torch.float64) for n in names])
+        dist.all_reduce(flat)
+        dist.all_reduce(count)
+        flat = flat / count.clamp_min(1)
+        if dst is not None and self.rank != dst:
+            return None
+        model = self.model_global
+        offset = 0
+        live = {n: t for n, t in model.state_dict(keep_vars=True).items()}
+        with torch.no_grad():
+            for n in names:
+                shape, dtype = self.global_shapes[n]
+                k = shape.numel()
+                value = flat[offset : offset + k].view(shape).to(dtype)
+                if live[n].numel() != k:
+                    live[n].data = value.clone()
+                else:
+                    live[n].copy_(value)
+                offset += k
+        return model
+
+    def _held_anywhere(self) -> dict[str, torch.Tensor]:
+        """Per owner-shard tensor, which elements some group holds this round."""
+        S = self.config.num_subnets
+        pieces = [{p.global_name: p for p in self.decomposition.pieces(self.assignment, s)} for s in range(S)]
+        return {
+            name: torch.stack([_positions(pieces[s].get(name), self.global_shapes[name][0]) >= 0 for s in range(S)]).any(0)
+            for name in self.exchange.owners.values
+            if name in self.global_shapes
+        }
+
+    @contextlib.contextmanager
+    def eval_global(self, dst: int | None = None) -> Iterator[nn.Module | None]:
+        """The gathered global model in its evaluation view (all units, eval scaling)."""
+        model = self.gather_global(dst)
+        if model is None:
+            yield None
+            return
+        with self.decomposition.eval_view(model) as view:
+            yield view
+
+    def resident_elements(self) -> int:
+        """Tensor elements this rank keeps: subnet parameters, gradients, optimizer state,
+        buffers, owner shards and whatever remains of the global model."""
+        n = sum(t.numel() for t in state_tensors(self.subnet).values())
+        n += sum(p.grad.numel() for p in self.subnet.parameters() if p.grad is not None)
+        n += sum(v.numel() for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+        n += self.exchange.owners.numel() if self.exchange is not None else 0
+        n += sum(t.numel() for t in state_tensors(self.model_global).values())
+        return n
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ---- hooks -----------------------------------------------------------------
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if self.intra is None:
+            return
+        grads = [p.grad for p in self.subnet.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.intra)
+        flat /= self.config.group_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+        if self.steps % self.config.local_steps == 0:
+            self.sync()
+
+    # ---- internals ---------------------------------------------------------------
+
+    def _make_optimizer(self, optimizer: OptimizerLike) -> torch.optim.Optimizer:
+        params = list(self.subnet.parameters())
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return type(optimizer)(params, **optimizer.defaults)
+        return optimizer(params)
+
+    def _broadcast_global(self, model: nn.Module) -> None:
+        tensors = list(state_tensors(model).values())
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+        dist.broadcast(flat, 0)
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def _init_owner_shards(self, model: nn.Module) -> None:
+        S = self.config.num_subnets
+        per_tensor: dict[str, dict[int, Piece]] = {}
+        for s in range(S):
+            for p in self.decomposition.pieces(self.assignment, s):
+                per_tensor.setdefault(p.global_name, {})[s] = p
+        tensors = state_tensors(model)
+        for name, pieces in per_tensor.items():
+            if all(p.index is None for p in pieces.values()) and len(pieces) > 0:
+                continue
+            shape, dtype = self.global_shapes[name]
+            unheld = torch.stack([_positions(pieces.get(s), shape) < 0 for s in range(S)]).all(0)
+            if unheld.any():
+                self.exchange.owners.ensure(name, shape, dtype, init=tensors[name].detach())
+
+    def _free_global(self) -> None:
+        with torch.no_grad():
+            for t in state_tensors(self.model_global).values():
+                t.data = torch.empty(0, dtype=t.dtype)
+
+    def _fields(self, following: Assignment) -> list[Field]:
+        d, S = self.decomposition, self.config.num_subnets
+        now = [d.pieces(self.assignment, s) for s in range(S)]
+        nxt = [d.pieces(following, s) for s in range(S)]
+        fields = {n: Field(n, shape, dtype) for n, (shape, dtype) in self.global_shapes.items()}
+        for s in range(S):
+            for p in now[s]:
+                fields[p.global_name].now[s] = p
+            for p in nxt[s]:
+                fields[p.global_name].next[s] = p
+        out = list(fields.values())
+        if self.config.optimizer_state == "carry":
+            out += self._state_fields(fields)
+        return out
+
+    def _state_fields(self, fields: dict[str, Field]) -> list[Field]:
+        """Optimizer-state entries travel like their parameters (policy ``carry``)."""
+        by_name = optimizer_state_by_name(self.optimizer, self.subnet)
+        sub_to_global = {p.subnet_name: p.global_name for p in self.pieces}
+        keys: dict[str, dict[str, torch.Tensor]] = {}
+        for sub_name, entries in by_name.items():
+            keys[sub_to_global[sub_name]] = entries
+        out = []
+        for gname in sorted(keys):
+            f = fields[gname]
+            for key in sorted(keys[gname]):
+                v = keys[gname][key]
+                if v.dim() == 0:
+                    sf = Field(f"{gname}:{key}", torch.Size([]), v.dtype,
+                               {s: Piece(f"{p.subnet_name}:{key}", f"{gname}:{key}") for s, p in f.now.items()},
+                               {s: Piece(f"{p.subnet_name}:{key}", f"{gname}:{key}") for s, p in f.next.items()})
+                else:
+                    sf = Field(f"{gname}:{key}", f.shape, v.dtype,
+                               {s: Piece(f"{p.subnet_name}:{key}", f"{gname}:{key}", p.index) for s, p in f.now.items()},
+                               {s: Piece(f"{p.subnet_name}:{key}", f"{gname}:{key}", p.index) for s, p in f.next.items()})
+                out.append(sf)
+        return out
+
+    def _read(self, field_name: str) -> torch.Tensor | None:
+        gname, _, key = field_name.partition(":")
+        piece = next((p for p in self.pieces if p.global_name == gname), None)
+        if piece is None:
+            return None
+        if not key:
+            return state_tensors(self.subnet)[piece.subnet_name].detach()
+        param = dict(self.subnet.named_parameters())[piece.subnet_name]
+        return self.optimizer.state[param][key]
+
+    def _apply(self, staged: dict[str, torch.Tensor], next_pieces: list[Piece]) -> None:
+        by_global = {p.global_name: p for p in next_pieces}
+        local = state_tensors(self.subnet)
+        params = dict(self.subnet.named_parameters())
+        new_state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for field_name, value in staged.items():
+                gname, _, key = field_name.partition(":")
+                piece = by_global[gname]
+                if not key:
+                    local[piece.subnet_name].copy_(value)
+                else:
+                    new_state.setdefault(params[piece.subnet_name], {})[key] = value.clone()
+        if self.config.optimizer_state == "carry" and staged:
+            self.optimizer.state.clear()
+            for p, st in new_state.items():
+                self.optimizer.state[p] = st
+
+    def _average_buffers_in_group(self, stats: CommStats) -> None:
+        buffers = [b for b in self.subnet.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.all_reduce(flat, group=self.intra)
+        stats.intra_group += flat.numel() * flat.element_size()
+        flat /= self.config.group_size
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+    def _broadcast_subnet(self, stats: CommStats) -> None:
+        tensors = list(state_tensors(self.subnet).values())
+        if self.config.optimizer_state == "carry":
+            tensors += [v for p in self.subnet.parameters() for v in self.optimizer.state.get(p, {}).values()
+                        if isinstance(v, torch.Tensor)]
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+        dist.broadcast(flat, self.group_index * self.config.group_size, group=self.intra)
+        stats.intra_group += flat.numel() * 4
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def _lower_bound(self, fields: list[Field]) -> float:
+        """This rank's share of the round's lower bound (accounting.py's definition),
+        over the fields actually exchanged, in wire bytes."""
+        S, me = self.config.num_subnets, self.group_index
+        esize = torch.tensor([], dtype=self.exchange.wire if self.exchange else torch.float32).element_size()
+        total = 0.0
+        for f in fields:
+            n = f.shape.numel()
+            if f.whole and len(f.now) == len(f.next) == S:
+                total += 2 * (S - 1) / S * n
+            elif f.whole and f.now:
+                total += n * (me in f.now and not set(f.next) <= {me})
+            else:
+                now, nxt = _locations(f, f.now, S), _locations(f, f.next, S)
+                elsewhere = torch.stack([l >= 0 for g, l in enumerate(nxt) if g != me]).any(0) if S > 1 else None
+                if elsewhere is not None:
+                    total += float(((now[me] >= 0) & elsewhere).sum())
+        return total * esize / self.config.group_size
+
+
+def _scatter(target: torch.Tensor, piece: Piece, value: torch.Tensor) -> None:
+    if piece.index is None:
+        target.copy_(value.to(target.dtype))
+    else:
+        target.index_put_(piece._grid(target), value.to(target.dtype))
+
+
+def measured_vs_bound(metrics: RoundMetrics) -> float:
+    """Bytes sent over the round's lower bound (1.0 = at the bound)."""
+    return metrics.bytes_sent / metrics.bytes_lower if metrics.bytes_lower else 1.0
+
+
+__all__ = ["IST", "RoundBytes", "RoundMetrics", "Totals", "measured_vs_bound"]

@@ -1,0 +1,61 @@
+"""A worker for multi-process tests: trains IST rounds on deterministic batches and
+saves the gathered global model and per-round metrics (rank 0)."""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import batch_for, make_model, loss_fn  # noqa: E402
+
+from ist_accel import ISTConfig  # noqa: E402
+from ist_accel.round import IST  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--num-subnets", type=int, required=True)
+    ap.add_argument("--group-size", type=int, default=1)
+    ap.add_argument("--policy", default="reset")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-steps", type=int, default=2)
+    ap.add_argument("--wire-dtype", default="fp32")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
+                       optimizer_state=args.policy, seed=5, wire_dtype=args.wire_dtype)
+    model = make_model(args.model)
+    ist = IST(model, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), config)
+    resident_after_setup = ist.resident_elements()
+    s, g = ist.group_index, ist.replica
+    for t in range(args.rounds * args.local_steps):
+        loss = loss_fn(ist.model, batch_for(args.model, s, g, t))
+        loss.backward()
+        peak = ist.resident_elements()
+        ist.optimizer.step()
+        ist.optimizer.zero_grad(set_to_none=True)
+    history = [vars(m) for m in ist.totals.history]
+    model = ist.gather_global(dst=0)
+    if ist.rank == 0:
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(args.out, "global.pt"))
+    with open(os.path.join(args.out, f"rank{ist.rank}.json"), "w") as f:
+        json.dump({"history": history, "resident_after_setup": resident_after_setup, "resident_peak": peak,
+                   "subnet_elements": sum(t.numel() for t in ist.subnet.state_dict().values()),
+                   "global_elements": sum(sh.numel() for sh, _ in ist.global_shapes.values())}, f)
+    ist.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
