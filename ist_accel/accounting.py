@@ -49,43 +49,51 @@ def lower_bound(decomposition: Decomposition, current: Assignment, following: As
     """Elements each subnet group must send and receive between ``current`` and
     ``following`` (see the module docstring for the definition)."""
     S = decomposition.num_subnets
-    shapes = decomposition.global_shapes()
-    shared = decomposition.shared_names()
     now = _pieces_by_tensor(decomposition, current)
     nxt = _pieces_by_tensor(decomposition, following)
     sent = torch.zeros(S, dtype=torch.float64)
     received = torch.zeros(S, dtype=torch.float64)
-    for name, shape in shapes.items():
-        numel = shape.numel()
-        if name in shared:
-            sent += 2 * (S - 1) / S * numel
-            received += 2 * (S - 1) / S * numel
-            continue
-        loc_now = location_bits(now.get(name, []), shape, S)
-        loc_next = location_bits(nxt.get(name, []), shape, S)
-        weight = numel if loc_now.numel() == loc_next.numel() == 1 else 1  # both whole-tensor
-        for s in range(S):
-            bit = 1 << s
-            sent[s] += weight * ((loc_now & bit != 0) & (loc_next & ~bit != 0)).sum()
-            received[s] += weight * ((loc_next & bit != 0) & (loc_now & ~bit != 0)).sum()
+    for name, shape in decomposition.global_shapes().items():
+        s_, r_ = tensor_bound(shape, now.get(name, {}), nxt.get(name, {}), S)
+        sent += s_
+        received += r_
     return RoundBytes(tuple(sent.tolist()), tuple(received.tolist()))
 
 
-def location_bits(holders: list[tuple[int, Piece]], shape: torch.Size, num_groups: int) -> torch.Tensor:
+def tensor_bound(
+    shape: torch.Size, now: dict[int, Piece], following: dict[int, Piece], num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elements of one tensor each group must send and receive in one round transition,
+    given the piece each group holds now and next (module docstring)."""
+    S, numel = num_groups, shape.numel()
+    pieces = (*now.values(), *following.values())
+    if len(now) == len(following) == S and all(p.index is None for p in pieces):  # shared
+        share = torch.full((S,), 2 * (S - 1) / S * numel, dtype=torch.float64)
+        return share, share.clone()
+    loc_now = location_bits(now, shape, S)
+    loc_next = location_bits(following, shape, S)
+    weight = numel if loc_now.numel() == loc_next.numel() == 1 else 1  # both whole-tensor
+    sent = torch.zeros(S, dtype=torch.float64)
+    received = torch.zeros(S, dtype=torch.float64)
+    for s in range(S):
+        bit = 1 << s
+        sent[s] = weight * ((loc_now & bit != 0) & (loc_next & ~bit != 0)).sum()
+        received[s] = weight * ((loc_next & bit != 0) & (loc_now & ~bit != 0)).sum()
+    return sent, received
+
+
+def location_bits(holders: dict[int, Piece], shape: torch.Size, num_groups: int) -> torch.Tensor:
     """Per element, a bit mask of the groups where it lives: its holders, else its owner.
     A tensor held whole gets a one-element mask (broadcast against the other round's)."""
-    if all(p.index is None for _, p in holders):
-        mask = sum(1 << s for s in {s for s, _ in holders})
-        if mask:
-            return torch.full((1,), mask, dtype=torch.int64)
+    if holders and all(p.index is None for p in holders.values()):
+        return torch.full((1,), sum(1 << s for s in holders), dtype=torch.int64)
     loc = torch.zeros(shape, dtype=torch.int64)
-    for s, piece in holders:
-        bits = torch.full((piece.numel(shape),), 1 << s, dtype=torch.int64)
+    for s, piece in holders.items():
         if piece.index is None:
             loc |= 1 << s
         else:
             grid = piece._grid(loc)
-            loc.index_put_(grid, loc[grid] | bits.view(loc[grid].shape))
+            loc.index_put_(grid, loc[grid] | (1 << s))
     unheld = loc == 0
     if unheld.any():
         rows = torch.arange(shape[0]).view(-1, *([1] * (len(shape) - 1))).expand(shape)
@@ -93,11 +101,11 @@ def location_bits(holders: list[tuple[int, Piece]], shape: torch.Size, num_group
     return loc
 
 
-def _pieces_by_tensor(decomposition: Decomposition, assignment: Assignment) -> dict[str, list[tuple[int, Piece]]]:
-    out: dict[str, list[tuple[int, Piece]]] = {}
+def _pieces_by_tensor(decomposition: Decomposition, assignment: Assignment) -> dict[str, dict[int, Piece]]:
+    out: dict[str, dict[int, Piece]] = {}
     for s in range(decomposition.num_subnets):
         for piece in decomposition.pieces(assignment, s):
-            out.setdefault(piece.global_name, []).append((s, piece))
+            out.setdefault(piece.global_name, {})[s] = piece
     return out
 
 

@@ -197,12 +197,12 @@ class Exchange:
         sources = [a for a in holders if a != me]
         slots = []
         for a in sources:
-            slots.append((a, len(recv_plan[a]), sum(k for _, _, k in recv_plan[a])))
+            slots.append((a, sum(k for _, _, k in recv_plan[a])))
             recv_plan[a].append((f, None, n))
 
         def done(received, f=f, slots=slots, mine=mine, count=len(holders)):
             total = torch.zeros(n, dtype=torch.float32) if mine is None else mine.reshape(-1).to(torch.float32).clone()
-            for a, _, offset in slots:
+            for a, offset in slots:
                 total += received[a][offset : offset + n].to(torch.float32)
             write(f.name, (total / count).view(f.shape).to(f.dtype))
 

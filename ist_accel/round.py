@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .accounting import RoundBytes
+from .accounting import tensor_bound
 from .config import ISTConfig
 from .decompose import Assignment, Piece, decompose, load_subnet, state_tensors
-from .exchange import CommStats, Exchange, Field, _locations, _positions
+from .exchange import CommStats, Exchange, Field, _positions
 from .reference import optimizer_state_by_name
 
 logger = logging.getLogger(__name__)
@@ -388,18 +388,7 @@ class IST:
         over the fields actually exchanged, in wire bytes."""
         S, me = self.config.num_subnets, self.group_index
         esize = torch.tensor([], dtype=self.exchange.wire if self.exchange else torch.float32).element_size()
-        total = 0.0
-        for f in fields:
-            n = f.shape.numel()
-            if f.whole and len(f.now) == len(f.next) == S:
-                total += 2 * (S - 1) / S * n
-            elif f.whole and f.now:
-                total += n * (me in f.now and not set(f.next) <= {me})
-            else:
-                now, nxt = _locations(f, f.now, S), _locations(f, f.next, S)
-                elsewhere = torch.stack([l >= 0 for g, l in enumerate(nxt) if g != me]).any(0) if S > 1 else None
-                if elsewhere is not None:
-                    total += float(((now[me] >= 0) & elsewhere).sum())
+        total = sum(float(tensor_bound(f.shape, f.now, f.next, S)[0][me]) for f in fields)
         return total * esize / self.config.group_size
 
 
@@ -410,9 +399,4 @@ def _scatter(target: torch.Tensor, piece: Piece, value: torch.Tensor) -> None:
         target.index_put_(piece._grid(target), value.to(target.dtype))
 
 
-def measured_vs_bound(metrics: RoundMetrics) -> float:
-    """Bytes sent over the round's lower bound (1.0 = at the bound)."""
-    return metrics.bytes_sent / metrics.bytes_lower if metrics.bytes_lower else 1.0
-
-
-__all__ = ["IST", "RoundBytes", "RoundMetrics", "Totals", "measured_vs_bound"]
+__all__ = ["IST", "RoundMetrics", "Totals"]

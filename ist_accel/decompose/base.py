@@ -87,6 +87,11 @@ class Piece:
         return torch.meshgrid(*axes, indexing="ij")
 
 
+def check_num_subnets(num_subnets: object) -> None:
+    if isinstance(num_subnets, bool) or not isinstance(num_subnets, int) or num_subnets < 1:
+        raise ValueError(f"num_subnets must be an integer >= 1, got {num_subnets!r}")
+
+
 def seeded_generator(seed: int, round_: int, group: str) -> torch.Generator:
     """A generator that depends only on (seed, round, group): the same on every rank."""
     digest = hashlib.sha256(f"ist:{seed}:{round_}:{group}".encode()).digest()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .base import Assignment, Decomposition, Piece, forward_scaling, state_tensors
+from .base import Assignment, Decomposition, Piece, check_num_subnets, forward_scaling, state_tensors
 from .sampling import split_neurons
 from .trace import default_example_input, get_module, set_module, trace_model
 
@@ -71,8 +71,7 @@ class MLPDecomposition(Decomposition):
         eval_scaling: bool = True,
         example_input: torch.Tensor | None = None,
     ) -> None:
-        if isinstance(num_subnets, bool) or not isinstance(num_subnets, int) or num_subnets < 1:
-            raise ValueError(f"num_subnets must be an integer >= 1, got {num_subnets!r}")
+        check_num_subnets(num_subnets)
         self.model = model
         self.num_subnets = num_subnets
         self.seed = seed

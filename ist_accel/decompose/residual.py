@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Assignment, Decomposition, Piece, forward_scaling, state_tensors
+from .base import Assignment, Decomposition, Piece, check_num_subnets, forward_scaling, state_tensors
 from .sampling import blocks_per_subnet, deal_blocks
 from .trace import Trace, default_example_input, get_module, set_module, signature, trace_model
 
@@ -187,8 +187,7 @@ class ResidualDecomposition(Decomposition):
         eval_scaling: bool = True,
         example_input: torch.Tensor | None = None,
     ) -> None:
-        if isinstance(num_subnets, bool) or not isinstance(num_subnets, int) or num_subnets < 1:
-            raise ValueError(f"num_subnets must be an integer >= 1, got {num_subnets!r}")
+        check_num_subnets(num_subnets)
         if isinstance(min_blocks, bool) or not isinstance(min_blocks, int) or min_blocks < 0:
             raise ValueError(f"min_blocks must be an integer >= 0, got {min_blocks!r}")
         self.model = model
