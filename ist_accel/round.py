@@ -306,26 +306,27 @@ class IST:
         return out
 
     def _state_fields(self, fields: dict[str, Field]) -> list[Field]:
-        """Optimizer-state entries travel like their parameters (policy ``carry``)."""
-        by_name = optimizer_state_by_name(self.optimizer, self.subnet)
-        sub_to_global = {p.subnet_name: p.global_name for p in self.pieces}
-        keys: dict[str, dict[str, torch.Tensor]] = {}
-        for sub_name, entries in by_name.items():
-            keys[sub_to_global[sub_name]] = entries
+        """Optimizer-state entries travel like their parameters (policy ``carry``).
+
+        The field list must be the same on every rank, so it is derived from the global
+        parameter list and the optimizer's state keys, not from what this rank holds.
+        """
+        keys: dict[str, torch.Tensor] = {}
+        for entries in optimizer_state_by_name(self.optimizer, self.subnet).values():
+            keys.update({k: v for k, v in entries.items() if k not in keys})
+        params = [n for n, _ in self.model_global.named_parameters()]
         out = []
-        for gname in sorted(keys):
+        for gname in params:
             f = fields[gname]
-            for key in sorted(keys[gname]):
-                v = keys[gname][key]
-                if v.dim() == 0:
-                    sf = Field(f"{gname}:{key}", torch.Size([]), v.dtype,
-                               {s: Piece(f"{p.subnet_name}:{key}", f"{gname}:{key}") for s, p in f.now.items()},
-                               {s: Piece(f"{p.subnet_name}:{key}", f"{gname}:{key}") for s, p in f.next.items()})
-                else:
-                    sf = Field(f"{gname}:{key}", f.shape, v.dtype,
-                               {s: Piece(f"{p.subnet_name}:{key}", f"{gname}:{key}", p.index) for s, p in f.now.items()},
-                               {s: Piece(f"{p.subnet_name}:{key}", f"{gname}:{key}", p.index) for s, p in f.next.items()})
-                out.append(sf)
+            for key in sorted(keys):
+                scalar = keys[key].dim() == 0
+
+                def relabel(pieces: dict[int, Piece], key: str = key, scalar: bool = scalar) -> dict[int, Piece]:
+                    return {s: Piece(f"{p.subnet_name}:{key}", f"{gname}:{key}", None if scalar else p.index)
+                            for s, p in pieces.items()}
+
+                shape = torch.Size([]) if scalar else f.shape
+                out.append(Field(f"{gname}:{key}", shape, keys[key].dtype, relabel(f.now), relabel(f.next)))
         return out
 
     def _read(self, field_name: str) -> torch.Tensor | None:

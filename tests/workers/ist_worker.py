@@ -33,7 +33,7 @@ def main() -> None:
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                        optimizer_state=args.policy, seed=5, wire_dtype=args.wire_dtype)
     model = make_model(args.model)
-    ist = IST(model, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), config)
+    ist = IST(model, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), config)
     resident_after_setup = ist.resident_elements()
     s, g = ist.group_index, ist.replica
     for t in range(args.rounds * args.local_steps):
