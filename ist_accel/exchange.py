@@ -125,16 +125,25 @@ def _locations(f: Field, pieces: dict[int, Piece], num_groups: int) -> list[torc
 
 
 class Exchange:
-    """Runs one round transition for this rank's group (group leaders only)."""
+    """Runs one round transition for one rank of group ``group``.
 
-    def __init__(self, group: int, num_groups: int, process_group: dist.ProcessGroup | None,
-                 wire_dtype: str = "fp32", ranks: list[int] | None = None) -> None:
+    With G ranks per group (replicas holding identical values), every replica plans the
+    whole transition but moves only its stripe, ``1/G`` of each message, to the replica
+    with the same index in the other groups (``stripe_pg``: slow links); an all-gather
+    inside the group (``intra_pg``: fast links) completes what arrived.
+    """
+
+    def __init__(self, group: int, num_groups: int, *, replica: int = 0, group_size: int = 1,
+                 stripe_pg: dist.ProcessGroup | None = None, intra_pg: dist.ProcessGroup | None = None,
+                 wire_dtype: str = "fp32") -> None:
         self.group = group
         self.S = num_groups
-        self.pg = process_group
+        self.replica = replica
+        self.G = group_size
+        self.stripe_pg = stripe_pg
+        self.intra_pg = intra_pg
         self.wire = WIRE_DTYPES[wire_dtype]
         self.owners = OwnerShards(group, num_groups)
-        self.leader_ranks = ranks if ranks is not None else list(range(num_groups))
 
     def run(
         self,
@@ -172,10 +181,10 @@ class Exchange:
             return
         flat = torch.cat([read(f.name).reshape(-1).to(torch.float32) for f in shared])
         if self.S > 1:
-            wire = flat.to(self.wire)
-            dist.all_reduce(wire, group=self.pg)
-            flat = wire.to(torch.float32)
-            stats.allreduce_sent += int(2 * (self.S - 1) / self.S * wire.numel() * wire.element_size())
+            stripe = _stripe(flat, self.G, self.replica).to(self.wire)
+            dist.all_reduce(stripe, group=self.stripe_pg)
+            stats.allreduce_sent += int(2 * (self.S - 1) / self.S * stripe.numel() * stripe.element_size())
+            flat = self._gather_stripes([stripe], [flat.numel()], stats)[0].to(torch.float32)
         flat /= self.S
         offset = 0
         for f in shared:
@@ -264,30 +273,62 @@ class Exchange:
     # ---- the one all-to-all ---------------------------------------------------
 
     def _all_to_all(self, sends: list[list[torch.Tensor]], recv_sizes: list[int], stats: CommStats) -> list[torch.Tensor]:
-        """One batch of point-to-point messages: one per (holder, next holder) pair that has
-        anything to move. (gloo's uneven ``all_to_all_single`` mis-sized messages when many
-        splits were empty; direct messages move exactly the same bytes.)"""
-        send_flat = [torch.cat(s).to(self.wire) if s else torch.zeros(0, dtype=self.wire) for s in sends]
-        recv = [torch.empty(n, dtype=self.wire) for n in recv_sizes]
+        """One batch of point-to-point messages, one per (holder, next holder) pair with
+        anything to move; with G > 1 each replica moves its stripe of every message.
+        (gloo's uneven ``all_to_all_single`` mis-sized messages when many splits were
+        empty; direct messages move exactly the same bytes.)"""
+        full = [torch.cat(m).to(self.wire) if m else torch.zeros(0, dtype=self.wire) for m in sends]
+        recv = [torch.empty(_stripe_size(n, self.G, self.replica), dtype=self.wire) for n in recv_sizes]
         ops = []
         for peer in range(self.S):
             if peer == self.group:
                 continue
-            rank = self._rank_of(peer)
-            if send_flat[peer].numel():
-                ops.append(dist.P2POp(dist.isend, send_flat[peer], rank, group=self.pg))
-                stats.sent += send_flat[peer].numel() * send_flat[peer].element_size()
+            rank = peer * self.G + self.replica  # P2P ops take global ranks
+            stripe = _stripe(full[peer], self.G, self.replica).contiguous()
+            if stripe.numel():
+                ops.append(dist.P2POp(dist.isend, stripe, rank))
+                stats.sent += stripe.numel() * stripe.element_size()
             if recv[peer].numel():
-                ops.append(dist.P2POp(dist.irecv, recv[peer], rank, group=self.pg))
+                ops.append(dist.P2POp(dist.irecv, recv[peer], rank))
                 stats.received += recv[peer].numel() * recv[peer].element_size()
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        return [t.to(torch.float32) for t in recv]
+        return [t.to(torch.float32) for t in self._gather_stripes(recv, recv_sizes, stats)]
 
-    def _rank_of(self, group: int) -> int:
-        """Global rank of ``group``'s leader (P2P ops take global ranks)."""
-        return self.leader_ranks[group]
+    def _gather_stripes(self, stripes: list[torch.Tensor], sizes: list[int], stats: CommStats) -> list[torch.Tensor]:
+        """Rebuild whole messages of ``sizes`` from every replica's stripes (one padded
+        all-gather inside the group)."""
+        if self.G == 1:
+            return stripes
+        mine = torch.cat(stripes) if stripes else torch.zeros(0, dtype=self.wire)
+        lengths = [sum(_stripe_size(n, self.G, g) for n in sizes) for g in range(self.G)]
+        width = max(lengths)
+        padded = torch.zeros(width, dtype=mine.dtype)
+        padded[: mine.numel()] = mine
+        gathered = [torch.empty_like(padded) for _ in range(self.G)]
+        dist.all_gather(gathered, padded, group=self.intra_pg)
+        stats.intra_group += (self.G - 1) * width * padded.element_size()
+        offsets = [0] * self.G
+        out = []
+        for n in sizes:
+            parts = []
+            for g in range(self.G):
+                k = _stripe_size(n, self.G, g)
+                parts.append(gathered[g][offsets[g] : offsets[g] + k])
+                offsets[g] += k
+            out.append(torch.cat(parts))
+        return out
+
+
+def _stripe_size(n: int, parts: int, i: int) -> int:
+    return n // parts + (i < n % parts)
+
+
+def _stripe(t: torch.Tensor, parts: int, i: int) -> torch.Tensor:
+    """Part ``i`` of ``parts`` near-equal contiguous parts of a flat tensor."""
+    start = sum(_stripe_size(t.numel(), parts, j) for j in range(i))
+    return t[start : start + _stripe_size(t.numel(), parts, i)]
 
 
 def _has_unheld(pieces: dict[int, Piece], shape: torch.Size, num_groups: int) -> bool:

@@ -86,10 +86,11 @@ class IST:
         self.rank = dist.get_rank()
         self.group_index, self.replica = divmod(self.rank, G)
         self.is_leader = self.replica == 0
-        # every process group is created here, once: one per subnet group, one of leaders
+        # every process group is created here, once: the ranks of each subnet group (fast
+        # links) and, per replica index, that replica across the groups (slow links)
         groups = [dist.new_group(list(range(s * G, (s + 1) * G))) for s in range(S)] if G > 1 else []
+        stripes = [dist.new_group([s * G + g for s in range(S)]) for g in range(G)] if G > 1 else []
         self.intra = groups[self.group_index] if G > 1 else None
-        self.leaders = dist.new_group([s * G for s in range(S)]) if G > 1 else None
         self.model_global = model
         self.global_shapes = {n: (t.shape, t.dtype) for n, t in state_tensors(model).items()}
         self._broadcast_global(model)
@@ -97,9 +98,11 @@ class IST:
         self.subnet = self.decomposition.build_subnet(self.group_index)
         self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
         load_subnet(self.subnet, state_tensors(model), self.pieces)
-        self.exchange = Exchange(self.group_index, S, self.leaders, config.wire_dtype, [s * G for s in range(S)]) if self.is_leader else None
-        if self.exchange is not None:
-            self._init_owner_shards(model)
+        self.exchange = Exchange(
+            self.group_index, S, replica=self.replica, group_size=G, intra_pg=self.intra,
+            stripe_pg=stripes[self.replica] if G > 1 else None, wire_dtype=config.wire_dtype,
+        )
+        self._init_owner_shards(model)
         self.optimizer = self._make_optimizer(optimizer)
         self._hooks = [
             self.optimizer.register_step_pre_hook(self._before_step),
@@ -129,12 +132,9 @@ class IST:
             self._average_buffers_in_group(stats)
         fields = self._fields(following)
         staged: dict[str, torch.Tensor] = {}
-        if self.exchange is not None:
-            stats.add(self.exchange.run(fields, self._read, staged.__setitem__))
+        stats.add(self.exchange.run(fields, self._read, staged.__setitem__))
         next_pieces = self.decomposition.pieces(following, self.group_index)
         self._apply(staged, next_pieces)
-        if self.intra is not None:
-            self._broadcast_subnet(stats)
         if self.config.optimizer_state == "reset":
             self.optimizer.state.clear()
         lower = self._lower_bound(fields)
@@ -224,7 +224,7 @@ class IST:
         n = sum(t.numel() for t in state_tensors(self.subnet).values())
         n += sum(p.grad.numel() for p in self.subnet.parameters() if p.grad is not None)
         n += sum(v.numel() for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
-        n += self.exchange.owners.numel() if self.exchange is not None else 0
+        n += self.exchange.owners.numel()
         n += sum(t.numel() for t in state_tensors(self.model_global).values())
         return n
 
@@ -370,25 +370,11 @@ class IST:
             b.copy_(flat[offset : offset + b.numel()].view_as(b))
             offset += b.numel()
 
-    def _broadcast_subnet(self, stats: CommStats) -> None:
-        tensors = list(state_tensors(self.subnet).values())
-        if self.config.optimizer_state == "carry":
-            tensors += [v for p in self.subnet.parameters() for v in self.optimizer.state.get(p, {}).values()
-                        if isinstance(v, torch.Tensor)]
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
-        dist.broadcast(flat, self.group_index * self.config.group_size, group=self.intra)
-        stats.intra_group += flat.numel() * 4
-        offset = 0
-        with torch.no_grad():
-            for t in tensors:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
-
     def _lower_bound(self, fields: list[Field]) -> float:
         """This rank's share of the round's lower bound (accounting.py's definition),
         over the fields actually exchanged, in wire bytes."""
         S, me = self.config.num_subnets, self.group_index
-        esize = torch.tensor([], dtype=self.exchange.wire if self.exchange else torch.float32).element_size()
+        esize = torch.tensor([], dtype=self.exchange.wire).element_size()
         total = sum(float(tensor_bound(f.shape, f.now, f.next, S)[0][me]) for f in fields)
         return total * esize / self.config.group_size
 

@@ -67,9 +67,12 @@ def test_matches_single_process_reference(tmp_path, model, S, G, policy):
     assert all(len(r["history"]) == 3 for r in ranks)
 
 
-@pytest.mark.parametrize("model,S", [("resnet", 2), ("resnet", 4), ("mlp", 2), ("mlp", 4)])
-def test_bytes_at_the_lower_bound_and_memory_is_subnet_plus_shard(tmp_path, model, S):
-    _, ranks = run(tmp_path, model, S, rounds=3, local_steps=1)
+@pytest.mark.parametrize("model,S,G", [("resnet", 2, 1), ("resnet", 4, 1), ("mlp", 2, 1), ("mlp", 4, 1),
+                                       ("resnet", 2, 2), ("mlp", 2, 2)])
+def test_bytes_at_the_lower_bound_and_memory_is_subnet_plus_shard(tmp_path, model, S, G):
+    """Per rank and round, cross-group bytes <= 1.10 x the bound (with G ranks per group,
+    each moves a 1/G stripe). Memory: the owner shard is per group (each replica keeps it)."""
+    _, ranks = run(tmp_path, model, S, G, rounds=3, local_steps=1)
     for r in ranks:
         for m in r["history"]:
             assert m["bytes_sent"] <= 1.10 * m["bytes_lower"] + 1, m
