@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -108,6 +109,7 @@ class IST:
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
         ]
+        self.free_global = free_global
         self.steps = 0
         self.round = 0
         self.totals = Totals()
@@ -210,13 +212,39 @@ class IST:
 
     @contextlib.contextmanager
     def eval_global(self, dst: int | None = None) -> Iterator[nn.Module | None]:
-        """The gathered global model in its evaluation view (all units, eval scaling)."""
+        """The gathered global model in its evaluation view (all units, eval scaling);
+        its storage is dropped again on exit when the engine was built with ``free_global``."""
         model = self.gather_global(dst)
-        if model is None:
-            yield None
-            return
-        with self.decomposition.eval_view(model) as view:
-            yield view
+        try:
+            if model is None:
+                yield None
+            else:
+                with self.decomposition.eval_view(model) as view:
+                    yield view
+        finally:
+            if self.free_global:
+                self._free_global()
+
+    def evaluate(
+        self,
+        dataset: Sequence[Any],
+        batch_size: int = 256,
+        score: Callable[[nn.Module, Any], tuple[float, int]] | None = None,
+    ) -> float:
+        """Score the global model on ``dataset`` sharded over all ranks: rank ``r`` scores
+        items ``r, r + N, ...``; the sums are all-reduced. ``score(model, batch)`` returns
+        (sum of the metric, number of items); default: top-1 accuracy of ``(x, y)`` batches."""
+        score = score or _accuracy_counts
+        world = dist.get_world_size()
+        totals = torch.zeros(2, dtype=torch.float64)
+        shard = torch.utils.data.Subset(dataset, range(self.rank, len(dataset), world))
+        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size)
+        with self.eval_global(dst=None) as model, torch.no_grad():
+            for batch in loader:
+                value, count = score(model, batch)
+                totals += torch.tensor([value, count], dtype=torch.float64)
+        dist.all_reduce(totals)
+        return float(totals[0] / totals[1].clamp_min(1))
 
     def resident_elements(self) -> int:
         """Tensor elements this rank keeps: subnet parameters, gradients, optimizer state,
@@ -377,6 +405,11 @@ class IST:
         esize = torch.tensor([], dtype=self.exchange.wire).element_size()
         total = sum(float(tensor_bound(f.shape, f.now, f.next, S)[0][me]) for f in fields)
         return total * esize / self.config.group_size
+
+
+def _accuracy_counts(model: nn.Module, batch: Any) -> tuple[float, int]:
+    x, y = batch
+    return float((model(x).argmax(-1) == y).sum()), len(y)
 
 
 def _scatter(target: torch.Tensor, piece: Piece, value: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
-from common import batch_for, loss_fn, make_model  # noqa: E402
+from common import batch_for, eval_items, loss_fn, make_model  # noqa: E402
 from launch import torchrun  # noqa: E402
 
 from ist_accel import ISTConfig, decompose  # noqa: E402
@@ -34,7 +34,14 @@ def _reference(model_name, S, G, policy, rounds, local_steps):
     for r in range(rounds):
         steps = range(r * local_steps, (r + 1) * local_steps)
         ref.run_round([[[batch_for(model_name, s, g, t) for t in steps] for g in range(G)] for s in range(S)], loss_fn)
-    return model.state_dict()
+    return model, ref.decomposition
+
+
+def reference_accuracy(model, decomposition, items):
+    with decomposition.eval_view(model) as view, torch.no_grad():
+        x = torch.stack([i[0] for i in items])
+        y = torch.stack([i[1] for i in items])
+        return (view(x).argmax(-1) == y).sum().item() / len(y)
 
 
 def run(tmp_path, model, S, G=1, policy="reset", rounds=3, local_steps=2, extra=()):
@@ -60,11 +67,32 @@ CASES = [
 @pytest.mark.parametrize("model,S,G,policy", CASES, ids=[f"{m}-S{s}xG{g}-{p}" for m, s, g, p in CASES])
 def test_matches_single_process_reference(tmp_path, model, S, G, policy):
     got, ranks = run(tmp_path, model, S, G, policy)
-    expected = reference(model, S, G, policy, rounds=3, local_steps=2)
+    ref_model, ref_decomposition = reference(model, S, G, policy, rounds=3, local_steps=2)
+    expected = ref_model.state_dict()
     for name, value in expected.items():
         if value.is_floating_point():
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert all(len(r["history"]) == 3 for r in ranks)
+    # distributed evaluation over shards of the eval set = the reference's eval view
+    accuracy = reference_accuracy(ref_model, ref_decomposition, eval_items(model))
+    assert all(r["accuracy"] == pytest.approx(accuracy, abs=1e-9) for r in ranks)
+    assert all(r["resident_after_eval"] <= r["resident_peak"] for r in ranks)  # storage dropped again
+
+
+@pytest.mark.parametrize("wire", ["bf16", "fp16"])
+def test_half_precision_wire_halves_the_bytes(tmp_path, wire):
+    (tmp_path / wire).mkdir()
+    (tmp_path / "fp32").mkdir()
+    got, ranks = run(tmp_path / wire, "mlp", 2, extra=("--wire-dtype", wire))
+    _, fp32 = run(tmp_path / "fp32", "mlp", 2)
+    for r32, r16 in zip(fp32, ranks):
+        for a, b in zip(r32["history"], r16["history"]):
+            assert b["bytes_sent"] == pytest.approx(a["bytes_sent"] / 2, rel=0.01)
+    expected = reference("mlp", 2, 1, "reset", rounds=3, local_steps=2)[0].state_dict()
+    for name, value in expected.items():
+        if value.is_floating_point():  # master values stay fp32; only the wire is rounded
+            assert got[name].dtype == torch.float32
+            torch.testing.assert_close(got[name], value, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("model,S,G", [("resnet", 2, 1), ("resnet", 4, 1), ("mlp", 2, 1), ("mlp", 4, 1),
@@ -83,3 +111,21 @@ def test_bytes_at_the_lower_bound_and_memory_is_subnet_plus_shard(tmp_path, mode
     total_sent = sum(m["bytes_sent"] for r in ranks for m in r["history"])
     total_lower = sum(m["bytes_lower"] for r in ranks for m in r["history"])
     assert total_sent <= 1.10 * total_lower
+
+
+def test_engine_rejects_bad_worlds_before_creating_groups():
+    import torch.distributed as dist
+
+    from ist_accel import IST
+
+    model = make_model("mlp")
+    with pytest.raises(RuntimeError, match="torch.distributed initialized"):
+        IST(model, lambda p: torch.optim.SGD(p, lr=0.1), ISTConfig(num_subnets=2))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="world size 1 does not fit num_subnets=2 x group_size=1 = 2"):
+            IST(model, lambda p: torch.optim.SGD(p, lr=0.1), ISTConfig(num_subnets=2))
+        with pytest.raises(ValueError, match="world size 1 does not fit num_subnets=1 x group_size=2"):
+            IST(model, lambda p: torch.optim.SGD(p, lr=0.1), ISTConfig(num_subnets=1, group_size=2))
+    finally:
+        dist.destroy_process_group()

@@ -24,3 +24,13 @@ def batch_for(name: str, subnet: int, replica: int, step: int):
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def eval_items(name: str) -> list:
+    """A small deterministic evaluation set of (input, label) items."""
+    g = torch.Generator().manual_seed(99)
+    if name == "resnet":
+        xs, ys = torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 4, (24,), generator=g)
+    else:
+        xs, ys = torch.randn(50, 12, generator=g), torch.randint(0, 3, (50,), generator=g)
+    return list(zip(xs, ys))

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import batch_for, make_model, loss_fn  # noqa: E402
+from common import batch_for, eval_items, make_model, loss_fn  # noqa: E402
 
 from ist_accel import ISTConfig  # noqa: E402
 from ist_accel.round import IST  # noqa: E402
@@ -43,11 +43,13 @@ def main() -> None:
         ist.optimizer.step()
         ist.optimizer.zero_grad(set_to_none=True)
     history = [vars(m) for m in ist.totals.history]
+    accuracy = ist.evaluate(eval_items(args.model), batch_size=7)
+    resident_after_eval = ist.resident_elements()
     model = ist.gather_global(dst=0)
     if ist.rank == 0:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(args.out, "global.pt"))
     with open(os.path.join(args.out, f"rank{ist.rank}.json"), "w") as f:
-        json.dump({"history": history, "resident_after_setup": resident_after_setup, "resident_peak": peak,
+        json.dump({"history": history, "accuracy": accuracy, "resident_after_eval": resident_after_eval, "resident_after_setup": resident_after_setup, "resident_peak": peak,
                    "subnet_elements": sum(t.numel() for t in ist.subnet.state_dict().values()),
                    "global_elements": sum(sh.numel() for sh, _ in ist.global_shapes.values())}, f)
     ist.close()
