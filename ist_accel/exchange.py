@@ -144,18 +144,23 @@ class Exchange:
         self.intra_pg = intra_pg
         self.wire = WIRE_DTYPES[wire_dtype]
         self.owners = OwnerShards(group, num_groups)
+        self._maps: dict[tuple[str, int], list[torch.Tensor]] = {}
 
     def run(
         self,
         fields: list[Field],
         read: Callable[[str], torch.Tensor | None],
         write: Callable[[str, torch.Tensor], None],
+        round_: int,
     ) -> CommStats:
-        """Average every field over its current places and deliver it to its next ones.
+        """Average every field over its current places (round ``round_``) and deliver it
+        to its next ones.
 
         ``read(name)`` returns this group's current subnet tensor of a field (``None`` if it
         holds none); ``write(name, value)`` stores its next subnet tensor.
         """
+        self._round = round_
+        self._maps = {k: v for k, v in self._maps.items() if k[1] >= round_}  # this round: cached last sync
         stats = CommStats()
         shared = [f for f in fields if f.whole and len(f.now) == len(f.next) == self.S]
         self._allreduce_shared(shared, read, write, stats)
@@ -221,7 +226,7 @@ class Exchange:
 
     def _plan_indexed(self, f, read, write, sends, recv_plan, finish) -> None:
         me, S = self.group, self.S
-        now, nxt = _locations(f, f.now, S), _locations(f, f.next, S)
+        now, nxt = self.locations(f, now=True), self.locations(f, now=False)
         mine_sub = read(f.name) if me in f.now else None
         if _has_unheld(f.now, f.shape, S) or _has_unheld(f.next, f.shape, S):
             self.owners.ensure(f.name, f.shape, f.dtype)  # optimizer state starts at zero
@@ -269,6 +274,15 @@ class Exchange:
             flat_store[stored] = value[held_next:][stored].to(store.dtype)
 
         finish.append(done)
+
+    def locations(self, f: Field, now: bool) -> list[torch.Tensor]:
+        """:func:`_locations` of ``f`` this round or next, cached per tensor and round (the
+        next round's maps are reused as the current ones at the following sync, and a
+        parameter's optimizer-state fields share its maps)."""
+        key = (f.name.partition(":")[0], self._round + (0 if now else 1))
+        if key not in self._maps:
+            self._maps[key] = _locations(f, f.now if now else f.next, self.S)
+        return self._maps[key]
 
     # ---- the one all-to-all ---------------------------------------------------
 

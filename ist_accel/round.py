@@ -134,7 +134,7 @@ class IST:
             self._average_buffers_in_group(stats)
         fields = self._fields(following)
         staged: dict[str, torch.Tensor] = {}
-        stats.add(self.exchange.run(fields, self._read, staged.__setitem__))
+        stats.add(self.exchange.run(fields, self._read, staged.__setitem__, self.round))
         next_pieces = self.decomposition.pieces(following, self.group_index)
         self._apply(staged, next_pieces)
         if self.config.optimizer_state == "reset":
