@@ -97,6 +97,8 @@ class IST:
         self._broadcast_global(model)
         self.assignment = self.decomposition.assignment(0)
         self.subnet = self.decomposition.build_subnet(self.group_index)
+        self._local = state_tensors(self.subnet)  # the subnet's tensors keep their identity
+        self._params = dict(self.subnet.named_parameters())
         self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
         load_subnet(self.subnet, state_tensors(model), self.pieces)
         self.exchange = Exchange(
@@ -359,18 +361,26 @@ class IST:
 
     def _read(self, field_name: str) -> torch.Tensor | None:
         gname, _, key = field_name.partition(":")
-        piece = next((p for p in self.pieces if p.global_name == gname), None)
+        piece = self._held.get(gname)
         if piece is None:
             return None
         if not key:
-            return state_tensors(self.subnet)[piece.subnet_name].detach()
-        param = dict(self.subnet.named_parameters())[piece.subnet_name]
-        return self.optimizer.state[param][key]
+            return self._local[piece.subnet_name].detach()
+        return self.optimizer.state[self._params[piece.subnet_name]][key]
+
+    @property
+    def pieces(self) -> list[Piece]:
+        """Where this rank's subnet tensors come from in the current round."""
+        return self._pieces
+
+    @pieces.setter
+    def pieces(self, pieces: list[Piece]) -> None:
+        self._pieces = pieces
+        self._held = {p.global_name: p for p in pieces}
 
     def _apply(self, staged: dict[str, torch.Tensor], next_pieces: list[Piece]) -> None:
         by_global = {p.global_name: p for p in next_pieces}
-        local = state_tensors(self.subnet)
-        params = dict(self.subnet.named_parameters())
+        local, params = self._local, self._params
         new_state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
             for field_name, value in staged.items():
