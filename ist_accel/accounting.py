@@ -89,11 +89,7 @@ def location_bits(holders: dict[int, Piece], shape: torch.Size, num_groups: int)
         return torch.full((1,), sum(1 << s for s in holders), dtype=torch.int64)
     loc = torch.zeros(shape, dtype=torch.int64)
     for s, piece in holders.items():
-        if piece.index is None:
-            loc |= 1 << s
-        else:
-            grid = piece._grid(loc)
-            loc.index_put_(grid, loc[grid] | (1 << s))
+        loc |= (piece.positions(shape) >= 0).to(torch.int64) << s
     unheld = loc == 0
     if unheld.any():
         rows = torch.arange(shape[0]).view(-1, *([1] * (len(shape) - 1))).expand(shape)

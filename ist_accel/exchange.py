@@ -8,12 +8,10 @@ per round, the :class:`~ist_accel.decompose.Piece` each group holds of them.
   bucketed all-reduce (bandwidth-optimal: ``2 (S-1)/S`` of its size per rank).
 * A field held whole by some groups (ResIST blocks) travels whole from each holder to
   each next holder that is not itself the only holder.
-* A field held in index pieces (IST) is planned element by element: an element lives in
-  its holders' subnets, or, where nobody holds it, in its owner group's *owner shard*
-  (contiguous row chunks, :func:`~ist_accel.accounting.owner_group`). An element moves
-  from every place it lives now to every place it will live next, except where both
-  are the same single place; the receiver sums what arrives and divides by the number
-  of places it lived.
+* A field held in disjoint index pieces (IST) is planned element by element: an element
+  lives in its holder's subnet, or, where nobody holds it, in its owner group's *owner
+  shard* (contiguous row chunks, :func:`~ist_accel.accounting.owner_group`). It moves
+  from where it lives now to where it will live next, unless that is the same place.
 
 Every rank derives the whole plan from the shared assignments, so message sizes agree
 without any handshake. Bytes sent and received are counted per round.
@@ -93,35 +91,36 @@ class OwnerShards:
 
 def _positions(piece: Piece | None, shape: torch.Size) -> torch.Tensor:
     """Global-shaped map: local flat position of each element in ``piece`` (else -1)."""
-    pos = torch.full(shape, -1, dtype=torch.int64)
-    if piece is None:
-        return pos
-    if piece.index is None:
-        return torch.arange(shape.numel()).view(shape)
-    grid = piece._grid(pos)
-    pos.index_put_(grid, torch.arange(grid[0].numel()).view(grid[0].shape))
-    return pos
+    return torch.full(shape, -1, dtype=torch.int64) if piece is None else piece.positions(shape)
 
 
-def _locations(f: Field, pieces: dict[int, Piece], num_groups: int) -> list[torch.Tensor]:
-    """Per group, the global-shaped map of where each element lives there (flat position
-    in ``cat(subnet piece, owner rows)``), -1 where it does not live there."""
-    locs = [_positions(pieces.get(g), f.shape) for g in range(num_groups)]
-    unheld = torch.stack([l < 0 for l in locs]).all(0)
-    if unheld.any():
-        rows = f.shape[0]
-        owner = owner_group(torch.arange(rows), rows, num_groups)
-        row_of = torch.arange(rows).view(-1, *([1] * (len(f.shape) - 1))).expand(f.shape)
-        for g in range(num_groups):
-            mine = (owner == g).nonzero().flatten()
-            if not len(mine):
-                continue
-            lo = int(mine[0])
-            held = pieces[g].numel(f.shape) if g in pieces else 0
-            flat = torch.arange(f.shape.numel()).view(f.shape) - lo * (f.shape.numel() // rows)
-            mask = unheld & (owner[row_of] == g)
-            locs[g] = torch.where(mask, held + flat, locs[g])
-    return locs
+def _locations(f: Field, pieces: dict[int, Piece], num_groups: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per element (flat), the group it lives in this round (its holder, else its owner)
+    and its position there in ``cat(subnet piece, owner rows)``; and whether any element
+    is unheld. Index pieces of one round are disjoint (IST); overlap is refused."""
+    shape, numel = f.shape, f.shape.numel()
+    group = torch.full((numel,), -1, dtype=torch.int64)
+    position = torch.full((numel,), -1, dtype=torch.int64)
+    flat = torch.arange(numel)
+    for g, piece in sorted(pieces.items()):
+        local = piece.positions(shape).reshape(-1)
+        held = local >= 0
+        if (held & (group >= 0)).any():
+            raise ValueError(f"index pieces of {f.name!r} overlap; the exchange needs disjoint index pieces")
+        group = torch.where(held, g, group)
+        position = torch.where(held, local, position)
+    unheld = group < 0
+    if not unheld.any():
+        return group, position, False
+    rows = shape[0]
+    row_size = numel // rows
+    owner_of_row = owner_group(torch.arange(rows), rows, num_groups)
+    first_row = torch.searchsorted(owner_of_row, torch.arange(num_groups))
+    held = torch.tensor([pieces[g].numel(shape) if g in pieces else 0 for g in range(num_groups)])
+    owner = owner_of_row[flat // row_size]
+    group = torch.where(unheld, owner, group)
+    position = torch.where(unheld, held[owner] + flat - first_row[owner] * row_size, position)
+    return group, position, True
 
 
 class Exchange:
@@ -226,56 +225,53 @@ class Exchange:
 
     def _plan_indexed(self, f, read, write, sends, recv_plan, finish) -> None:
         me, S = self.group, self.S
-        now, nxt = self.locations(f, now=True), self.locations(f, now=False)
-        mine_sub = read(f.name) if me in f.now else None
-        if _has_unheld(f.now, f.shape, S) or _has_unheld(f.next, f.shape, S):
+        group_now, pos_now, unheld_now = self.locations(f, now=True)
+        group_next, pos_next, unheld_next = self.locations(f, now=False)
+        if unheld_now or unheld_next:
             self.owners.ensure(f.name, f.shape, f.dtype)  # optimizer state starts at zero
         store = self.owners.values.get(f.name, torch.zeros(0, dtype=f.dtype))
+        mine_sub = read(f.name) if me in f.now else None
         local_now = torch.cat([
             mine_sub.reshape(-1).to(torch.float32) if mine_sub is not None else torch.zeros(0),
             store.reshape(-1).to(torch.float32),
         ])
+        # what lives here now, by destination (stable sort keeps flat order within each)
+        here = (group_now == me).nonzero().flatten()
+        to = group_next[here]
+        order = torch.sort(to, stable=True).indices
+        outgoing = torch.split(local_now[pos_now[here[order]]], torch.bincount(to, minlength=S).tolist())
         for c in range(S):
-            if c == me:
-                continue
-            both = (now[me] >= 0) & (nxt[c] >= 0)
-            if both.any():
-                sends[c].append(local_now[now[me][both]])
-        count = torch.stack([(l >= 0) for l in now]).sum(0).to(torch.float32)
-        target = nxt[me] >= 0
-        if not target.any():
+            if c != me and outgoing[c].numel():
+                sends[c].append(outgoing[c])
+        # what lives here next, by source
+        arriving = (group_next == me).nonzero().flatten()
+        if not arriving.numel():
             return
-        held_next = f.next[me].numel(f.shape) if me in f.next else 0
-        size_next = held_next + store.numel()
+        source = group_now[arriving]
+        order = torch.sort(source, stable=True).indices
+        counts = torch.bincount(source, minlength=S).tolist()
+        targets = torch.split(pos_next[arriving[order]], counts)
+        kept = torch.split(pos_now[arriving[order]], counts)[me]
         slots = []
         for a in range(S):
-            if a == me:
-                continue
-            both = (now[a] >= 0) & target
-            k = int(both.sum())
-            if k:
-                slots.append((a, sum(m for _, _, m in recv_plan[a]), k, nxt[me][both]))
-                recv_plan[a].append((f, None, k))
-        own = (now[me] >= 0) & target
+            if a != me and counts[a]:
+                slots.append((a, sum(m for _, _, m in recv_plan[a]), counts[a], targets[a]))
+                recv_plan[a].append((f, None, counts[a]))
+        held_next = f.next[me].numel(f.shape) if me in f.next else 0
 
-        def done(received, f=f, slots=slots, own=own, store=store):
-            acc = torch.zeros(size_next, dtype=torch.float64)
-            den = torch.zeros(size_next, dtype=torch.float64)
-            dest = nxt[me]
-            acc.index_put_((dest[own],), local_now[now[me][own]].to(torch.float64), accumulate=True)
-            den.index_put_((dest[target],), count[target].to(torch.float64))
+        def done(received, f=f, slots=slots, store=store):
+            value = torch.zeros(held_next + store.numel(), dtype=torch.float32)
+            value[targets[me]] = local_now[kept]
             for a, offset, k, positions in slots:
-                acc.index_put_((positions,), received[a][offset : offset + k].to(torch.float64), accumulate=True)
-            value = torch.where(den > 0, acc / den.clamp_min(1), torch.zeros_like(acc))
+                value[positions] = received[a][offset : offset + k]
             if held_next:
                 write(f.name, value[:held_next].view(_piece_shape(f.next[me], f.shape)).to(f.dtype))
-            stored = den[held_next:] > 0
-            flat_store = store.view(-1)
-            flat_store[stored] = value[held_next:][stored].to(store.dtype)
+            stored = pos_next[arriving] >= held_next
+            store.view(-1)[pos_next[arriving][stored] - held_next] = value[pos_next[arriving][stored]].to(store.dtype)
 
         finish.append(done)
 
-    def locations(self, f: Field, now: bool) -> list[torch.Tensor]:
+    def locations(self, f: Field, now: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """:func:`_locations` of ``f`` this round or next, cached per tensor and round (the
         next round's maps are reused as the current ones at the following sync, and a
         parameter's optimizer-state fields share its maps)."""
@@ -343,10 +339,6 @@ def _stripe(t: torch.Tensor, parts: int, i: int) -> torch.Tensor:
     """Part ``i`` of ``parts`` near-equal contiguous parts of a flat tensor."""
     start = sum(_stripe_size(t.numel(), parts, j) for j in range(i))
     return t[start : start + _stripe_size(t.numel(), parts, i)]
-
-
-def _has_unheld(pieces: dict[int, Piece], shape: torch.Size, num_groups: int) -> bool:
-    return bool(torch.stack([_positions(pieces.get(g), shape) < 0 for g in range(num_groups)]).all(0).any())
 
 
 def _piece_shape(piece: Piece, shape: torch.Size) -> tuple[int, ...]:

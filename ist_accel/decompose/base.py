@@ -79,6 +79,26 @@ class Piece:
             n *= size if idx is None else len(idx)
         return n
 
+    def positions(self, shape: torch.Size) -> torch.Tensor:
+        """Global-shaped map: the flat position of each element in this piece, -1 where the
+        piece does not hold it (broadcast per dim; no index grids)."""
+        ranks = []
+        for dim, size in enumerate(shape):
+            idx = self.index[dim] if self.index is not None and dim < len(self.index) else None
+            r = torch.arange(size) if idx is None else torch.full((size,), -1, dtype=torch.int64)
+            if idx is not None:
+                r[idx] = torch.arange(len(idx))
+            ranks.append(r)
+        pos = torch.zeros((), dtype=torch.int64)
+        held = torch.ones((), dtype=torch.bool)
+        for dim, r in enumerate(ranks):
+            view = [1] * len(shape)
+            view[dim] = -1
+            width = int((r >= 0).sum())
+            pos = pos * width + r.view(view)
+            held = held & (r.view(view) >= 0)
+        return torch.where(held, pos, -1).expand(shape) if len(shape) else pos.clone()
+
     def _grid(self, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
         axes = []
         for dim, size in enumerate(target.shape):
