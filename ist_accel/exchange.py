@@ -4,8 +4,8 @@ is needed next, in one all-to-all among the S group leaders, averaged on arrival
 Knows nothing of model types: it sees *fields* (a global tensor name and shape) and,
 per round, the :class:`~ist_accel.decompose.Piece` each group holds of them.
 
-* A field every group holds whole in both rounds (the shared set) is averaged with one
-  bucketed all-reduce (bandwidth-optimal: ``2 (S-1)/S`` of its size per rank).
+* A field every group holds whole in both rounds (the shared set) is averaged in one
+  bucket by reduce-scatter + all-gather (``2 (S-1)/S`` of its size per rank).
 * A field held whole by some groups (ResIST blocks) travels whole from each holder to
   each next holder that is not itself the only holder.
 * A field held in disjoint index pieces (IST) is planned element by element: an element
@@ -66,8 +66,9 @@ class Field:
 class OwnerShards:
     """The rows of index-split fields that this group owns while nobody holds them."""
 
-    def __init__(self, group: int, num_groups: int) -> None:
+    def __init__(self, group: int, num_groups: int, device: torch.device | str = "cpu") -> None:
         self.group = group
+        self.device = torch.device(device)
         self.num_groups = num_groups
         self.rows: dict[str, tuple[int, int]] = {}
         self.values: dict[str, torch.Tensor] = {}
@@ -83,7 +84,7 @@ class OwnerShards:
             return
         lo, hi = self.row_range(shape)
         self.rows[name] = (lo, hi)
-        self.values[name] = (init[lo:hi].clone() if init is not None else torch.zeros((hi - lo, *shape[1:]), dtype=dtype))
+        self.values[name] = (init[lo:hi].clone() if init is not None else torch.zeros((hi - lo, *shape[1:]), dtype=dtype, device=self.device))
 
     def numel(self) -> int:
         return sum(v.numel() for v in self.values.values())
@@ -134,15 +135,16 @@ class Exchange:
 
     def __init__(self, group: int, num_groups: int, *, replica: int = 0, group_size: int = 1,
                  stripe_pg: dist.ProcessGroup | None = None, intra_pg: dist.ProcessGroup | None = None,
-                 wire_dtype: str = "fp32") -> None:
+                 wire_dtype: str = "fp32", device: torch.device | str = "cpu") -> None:
         self.group = group
+        self.device = torch.device(device)
         self.S = num_groups
         self.replica = replica
         self.G = group_size
         self.stripe_pg = stripe_pg
         self.intra_pg = intra_pg
         self.wire = WIRE_DTYPES[wire_dtype]
-        self.owners = OwnerShards(group, num_groups)
+        self.owners = OwnerShards(group, num_groups, self.device)
         self._maps: dict[tuple[str, int], list[torch.Tensor]] = {}
 
     def run(
@@ -162,7 +164,7 @@ class Exchange:
         self._maps = {k: v for k, v in self._maps.items() if k[1] >= round_}  # this round: cached last sync
         stats = CommStats()
         shared = [f for f in fields if f.whole and len(f.now) == len(f.next) == self.S]
-        self._allreduce_shared(shared, read, write, stats)
+        self._average_shared(shared, read, write, stats)
         sends: list[list[torch.Tensor]] = [[] for _ in range(self.S)]
         recv_plan: list[list[tuple[Field, torch.Tensor | None, int]]] = [[] for _ in range(self.S)]
         finish: list[Callable[[list[torch.Tensor]], None]] = []
@@ -180,14 +182,22 @@ class Exchange:
 
     # ---- shared: one bucketed all-reduce ------------------------------------
 
-    def _allreduce_shared(self, shared, read, write, stats) -> None:
+    def _average_shared(self, shared, read, write, stats) -> None:
+        """Average the shared set: reduce-scatter then all-gather among the S groups
+        (bandwidth-optimal: each rank sends ``2 (S-1)/S`` of its stripe)."""
         if not shared:
             return
         flat = torch.cat([read(f.name).reshape(-1).to(torch.float32) for f in shared])
         if self.S > 1:
             stripe = _stripe(flat, self.G, self.replica).to(self.wire)
-            dist.all_reduce(stripe, group=self.stripe_pg)
-            stats.allreduce_sent += int(2 * (self.S - 1) / self.S * stripe.numel() * stripe.element_size())
+            chunk = -(-stripe.numel() // self.S)
+            padded = torch.zeros(chunk * self.S, dtype=self.wire, device=self.device)
+            padded[: stripe.numel()] = stripe
+            mine = torch.empty(chunk, dtype=self.wire, device=self.device)
+            dist.reduce_scatter_tensor(mine, padded, group=self.stripe_pg)
+            dist.all_gather_into_tensor(padded, mine, group=self.stripe_pg)
+            stats.allreduce_sent += 2 * (self.S - 1) * chunk * padded.element_size()
+            stripe = padded[: stripe.numel()]
             flat = self._gather_stripes([stripe], [flat.numel()], stats)[0].to(torch.float32)
         flat /= self.S
         offset = 0
@@ -214,7 +224,7 @@ class Exchange:
             recv_plan[a].append((f, None, n))
 
         def done(received, f=f, slots=slots, mine=mine, count=len(holders)):
-            total = torch.zeros(n, dtype=torch.float32) if mine is None else mine.reshape(-1).to(torch.float32).clone()
+            total = torch.zeros(n, dtype=torch.float32, device=self.device) if mine is None else mine.reshape(-1).to(torch.float32).clone()
             for a, offset in slots:
                 total += received[a][offset : offset + n].to(torch.float32)
             write(f.name, (total / count).view(f.shape).to(f.dtype))
@@ -229,17 +239,17 @@ class Exchange:
         group_next, pos_next, unheld_next = self.locations(f, now=False)
         if unheld_now or unheld_next:
             self.owners.ensure(f.name, f.shape, f.dtype)  # optimizer state starts at zero
-        store = self.owners.values.get(f.name, torch.zeros(0, dtype=f.dtype))
+        store = self.owners.values.get(f.name, torch.zeros(0, dtype=f.dtype, device=self.device))
         mine_sub = read(f.name) if me in f.now else None
         local_now = torch.cat([
-            mine_sub.reshape(-1).to(torch.float32) if mine_sub is not None else torch.zeros(0),
+            mine_sub.reshape(-1).to(torch.float32) if mine_sub is not None else torch.zeros(0, device=self.device),
             store.reshape(-1).to(torch.float32),
         ])
         # what lives here now, by destination (stable sort keeps flat order within each)
         here = (group_now == me).nonzero().flatten()
         to = group_next[here]
         order = torch.sort(to, stable=True).indices
-        outgoing = torch.split(local_now[pos_now[here[order]]], torch.bincount(to, minlength=S).tolist())
+        outgoing = torch.split(local_now[pos_now[here[order]].to(self.device)], torch.bincount(to, minlength=S).tolist())
         for c in range(S):
             if c != me and outgoing[c].numel():
                 sends[c].append(outgoing[c])
@@ -250,24 +260,25 @@ class Exchange:
         source = group_now[arriving]
         order = torch.sort(source, stable=True).indices
         counts = torch.bincount(source, minlength=S).tolist()
-        targets = torch.split(pos_next[arriving[order]], counts)
-        kept = torch.split(pos_now[arriving[order]], counts)[me]
+        targets = torch.split(pos_next[arriving[order]].to(self.device), counts)
+        kept = torch.split(pos_now[arriving[order]].to(self.device), counts)[me]
+        held_next = f.next[me].numel(f.shape) if me in f.next else 0
+        stored = pos_next[arriving]
+        stored = stored[stored >= held_next].to(self.device)
         slots = []
         for a in range(S):
             if a != me and counts[a]:
                 slots.append((a, sum(m for _, _, m in recv_plan[a]), counts[a], targets[a]))
                 recv_plan[a].append((f, None, counts[a]))
-        held_next = f.next[me].numel(f.shape) if me in f.next else 0
 
         def done(received, f=f, slots=slots, store=store):
-            value = torch.zeros(held_next + store.numel(), dtype=torch.float32)
+            value = torch.zeros(held_next + store.numel(), dtype=torch.float32, device=self.device)
             value[targets[me]] = local_now[kept]
             for a, offset, k, positions in slots:
                 value[positions] = received[a][offset : offset + k]
             if held_next:
                 write(f.name, value[:held_next].view(_piece_shape(f.next[me], f.shape)).to(f.dtype))
-            stored = pos_next[arriving] >= held_next
-            store.view(-1)[pos_next[arriving][stored] - held_next] = value[pos_next[arriving][stored]].to(store.dtype)
+            store.view(-1)[stored - held_next] = value[stored].to(store.dtype)
 
         finish.append(done)
 
@@ -287,8 +298,9 @@ class Exchange:
         anything to move; with G > 1 each replica moves its stripe of every message.
         (gloo's uneven ``all_to_all_single`` mis-sized messages when many splits were
         empty; direct messages move exactly the same bytes.)"""
-        full = [torch.cat(m).to(self.wire) if m else torch.zeros(0, dtype=self.wire) for m in sends]
-        recv = [torch.empty(_stripe_size(n, self.G, self.replica), dtype=self.wire) for n in recv_sizes]
+        full = [torch.cat(m).to(self.wire) if m else torch.zeros(0, dtype=self.wire, device=self.device) for m in sends]
+        recv = [torch.empty(_stripe_size(n, self.G, self.replica), dtype=self.wire, device=self.device)
+                for n in recv_sizes]
         ops = []
         for peer in range(self.S):
             if peer == self.group:
@@ -311,10 +323,10 @@ class Exchange:
         all-gather inside the group)."""
         if self.G == 1:
             return stripes
-        mine = torch.cat(stripes) if stripes else torch.zeros(0, dtype=self.wire)
+        mine = torch.cat(stripes) if stripes else torch.zeros(0, dtype=self.wire, device=self.device)
         lengths = [sum(_stripe_size(n, self.G, g) for n in sizes) for g in range(self.G)]
         width = max(lengths)
-        padded = torch.zeros(width, dtype=mine.dtype)
+        padded = torch.zeros(width, dtype=mine.dtype, device=self.device)
         padded[: mine.numel()] = mine
         gathered = [torch.empty_like(padded) for _ in range(self.G)]
         dist.all_gather(gathered, padded, group=self.intra_pg)

@@ -101,9 +101,10 @@ class IST:
         self._params = dict(self.subnet.named_parameters())
         self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
         load_subnet(self.subnet, state_tensors(model), self.pieces)
+        self.device = next(self.subnet.parameters()).device
         self.exchange = Exchange(
             self.group_index, S, replica=self.replica, group_size=G, intra_pg=self.intra,
-            stripe_pg=stripes[self.replica] if G > 1 else None, wire_dtype=config.wire_dtype,
+            stripe_pg=stripes[self.replica] if G > 1 else None, wire_dtype=config.wire_dtype, device=self.device,
         )
         self._init_owner_shards(model)
         self.optimizer = self._make_optimizer(optimizer)
@@ -165,8 +166,8 @@ class IST:
         Must be called on every rank at a round boundary (no step since the last sync).
         """
         names = list(self.global_shapes)
-        state = {n: torch.zeros(self.global_shapes[n][0], dtype=torch.float64) for n in names}
-        filled = {n: torch.zeros(self.global_shapes[n][0], dtype=torch.bool) for n in names}
+        state = {n: torch.zeros(self.global_shapes[n][0], dtype=torch.float64, device=self.device) for n in names}
+        filled = {n: torch.zeros(self.global_shapes[n][0], dtype=torch.bool, device=self.device) for n in names}
         if self.is_leader:
             local = state_tensors(self.subnet)
             for piece in self.pieces:
@@ -176,7 +177,7 @@ class IST:
             for name, value in self.exchange.owners.values.items():
                 if name in state:
                     lo, hi = self.exchange.owners.rows[name]
-                    unheld = ~held_anywhere[name][lo:hi]
+                    unheld = ~held_anywhere[name][lo:hi].to(self.device)
                     state[name][lo:hi][unheld] = value[unheld].to(state[name].dtype)
                     filled[name][lo:hi] |= unheld
         # one element can be filled by several holders (same value after sync): average
@@ -238,13 +239,13 @@ class IST:
         (sum of the metric, number of items); default: top-1 accuracy of ``(x, y)`` batches."""
         score = score or _accuracy_counts
         world = dist.get_world_size()
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         shard = torch.utils.data.Subset(dataset, range(self.rank, len(dataset), world))
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size)
         with self.eval_global(dst=None) as model, torch.no_grad():
             for batch in loader:
-                value, count = score(model, batch)
-                totals += torch.tensor([value, count], dtype=torch.float64)
+                value, count = score(model, _to_device(batch, self.device))
+                totals += torch.tensor([value, count], dtype=torch.float64, device=self.device)
         dist.all_reduce(totals)
         return float(totals[0] / totals[1].clamp_min(1))
 
@@ -415,6 +416,14 @@ class IST:
         esize = torch.tensor([], dtype=self.exchange.wire).element_size()
         total = sum(float(tensor_bound(f.shape, f.now, f.next, S)[0][me]) for f in fields)
         return total * esize / self.config.group_size
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
 
 
 def _accuracy_counts(model: nn.Module, batch: Any) -> tuple[float, int]:

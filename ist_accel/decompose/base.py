@@ -62,7 +62,7 @@ class Piece:
         out = tensor.detach()
         for dim, idx in enumerate(self.index):
             if idx is not None:
-                out = out.index_select(dim, idx)
+                out = out.index_select(dim, idx.to(out.device))
         return out.clone()
 
     def scatter_add(self, target: torch.Tensor, value: torch.Tensor) -> None:
@@ -103,7 +103,7 @@ class Piece:
         axes = []
         for dim, size in enumerate(target.shape):
             idx = self.index[dim] if dim < len(self.index) else None
-            axes.append(torch.arange(size) if idx is None else idx)
+            axes.append(torch.arange(size, device=target.device) if idx is None else idx.to(target.device))
         return torch.meshgrid(*axes, indexing="ij")
 
 

@@ -102,17 +102,18 @@ class MLPDecomposition(Decomposition):
             old = get_module(self.model, name)
             in_f = old.in_features // S if l > 0 else old.in_features
             out_f = old.out_features // S if l < last else old.out_features
-            new = nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=old.weight.dtype)
+            new = nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=old.weight.dtype, device=old.weight.device)
             set_module(sub, name, new)
         for name, l in self.norms.items():
             old = get_module(self.model, name)
             width = self.widths[self.linears[l]] // S
+            device = next(old.parameters(), next(old.buffers(), torch.empty(0))).device
             if isinstance(old, nn.BatchNorm1d):
                 new = nn.BatchNorm1d(width, eps=old.eps, momentum=old.momentum, affine=old.affine,
-                                     track_running_stats=old.track_running_stats)
+                                     track_running_stats=old.track_running_stats, device=device)
             else:
                 new = nn.LayerNorm(width, eps=old.eps, elementwise_affine=old.elementwise_affine,
-                                   bias=getattr(old, "bias", None) is not None)
+                                   bias=getattr(old, "bias", None) is not None, device=device)
             set_module(sub, name, new)
         return sub
 
