@@ -28,6 +28,10 @@ import torch.distributed as dist
 from .accounting import owner_group
 from .decompose import Piece
 
+# newer torch names them *_single (the *_tensor names warn there); older releases have only *_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -194,8 +198,8 @@ class Exchange:
             padded = torch.zeros(chunk * self.S, dtype=self.wire, device=self.device)
             padded[: stripe.numel()] = stripe
             mine = torch.empty(chunk, dtype=self.wire, device=self.device)
-            dist.reduce_scatter_tensor(mine, padded, group=self.stripe_pg)
-            dist.all_gather_into_tensor(padded, mine, group=self.stripe_pg)
+            _reduce_scatter(mine, padded, group=self.stripe_pg)
+            _all_gather(padded, mine, group=self.stripe_pg)
             stats.allreduce_sent += 2 * (self.S - 1) * chunk * padded.element_size()
             stripe = padded[: stripe.numel()]
             flat = self._gather_stripes([stripe], [flat.numel()], stats)[0].to(torch.float32)
