@@ -1,5 +1,6 @@
 """ist_accel: Independent Subnet Training (IST, ResIST) for the Hugging Face / DeepSpeed stack."""
 
+from .accelerate import ISTAccelerator, ISTModel
 from .accounting import RoundBytes, lower_bound, ring_allreduce_bytes
 from .config import ISTConfig
 from .decompose import (
@@ -21,7 +22,9 @@ __all__ = [
     "Assignment",
     "Decomposition",
     "IST",
+    "ISTAccelerator",
     "ISTConfig",
+    "ISTModel",
     "MLPDecomposition",
     "Piece",
     "Plan",

@@ -10,6 +10,7 @@ round's subnets are averaged over holders and the next round's are dispatched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -66,7 +67,13 @@ class IST:
         config: the :class:`~ist_accel.ISTConfig`; its world size must be S x G.
         free_global: drop the global model's storage after set-up (a rank then holds only
             its subnet and its owner shard); :meth:`gather_global` brings it back.
+        reduce_gradients: average gradients inside the group before each step (G > 1).
+            Integrations that wrap the subnet in DDP over the group turn this off.
+
+    Callables appended to :attr:`on_sync` receive each round's :class:`RoundMetrics`.
     """
+
+    STATE_FORMAT = "ist_accel.IST/1"
 
     def __init__(
         self,
@@ -76,6 +83,7 @@ class IST:
         *,
         example_input: torch.Tensor | None = None,
         free_global: bool = True,
+        reduce_gradients: bool = True,
     ) -> None:
         config.validate()
         if not dist.is_available() or not dist.is_initialized():
@@ -97,8 +105,6 @@ class IST:
         self._broadcast_global(model)
         self.assignment = self.decomposition.assignment(0)
         self.subnet = self.decomposition.build_subnet(self.group_index)
-        self._local = state_tensors(self.subnet)  # the subnet's tensors keep their identity
-        self._params = dict(self.subnet.named_parameters())
         self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
         load_subnet(self.subnet, state_tensors(model), self.pieces)
         self.device = next(self.subnet.parameters()).device
@@ -108,17 +114,17 @@ class IST:
         )
         self._init_owner_shards(model)
         self.optimizer = self._make_optimizer(optimizer)
-        self._hooks = [
-            self.optimizer.register_step_pre_hook(self._before_step),
-            self.optimizer.register_step_post_hook(self._after_step),
-        ]
+        self._hooks = [self.optimizer.register_step_post_hook(self._after_step)]
+        if reduce_gradients and self.intra is not None:
+            self._hooks.append(self.optimizer.register_step_pre_hook(self._before_step))
+        self.on_sync: list[Callable[[RoundMetrics], None]] = []
         self.free_global = free_global
         self.steps = 0
         self.round = 0
         self.totals = Totals()
         self._round_started = time.perf_counter()
         if free_global:
-            self._free_global()
+            self.release_global()
 
     # ---- the user-facing pieces ----------------------------------------------
 
@@ -137,6 +143,7 @@ class IST:
             self._average_buffers_in_group(stats)
         fields = self._fields(following)
         staged: dict[str, torch.Tensor] = {}
+        self._read_cache = (self._local, self._params)
         stats.add(self.exchange.run(fields, self._read, staged.__setitem__, self.round))
         next_pieces = self.decomposition.pieces(following, self.group_index)
         self._apply(staged, next_pieces)
@@ -158,8 +165,72 @@ class IST:
         t.compute_seconds += compute
         t.rounds += 1
         t.history.append(metrics)
+        for callback in self.on_sync:
+            callback(metrics)
         self._round_started = time.perf_counter()
         return metrics
+
+    @property
+    def _local(self) -> dict[str, torch.Tensor]:
+        # looked up each time: ``module.to()`` may replace buffer objects (Accelerate's prepare does)
+        return state_tensors(self.subnet)
+
+    @property
+    def _params(self) -> dict[str, nn.Parameter]:
+        return dict(self.subnet.named_parameters())
+
+    @property
+    def at_round_boundary(self) -> bool:
+        """True when no optimizer step was taken since the last synchronization."""
+        return self.steps % self.config.local_steps == 0
+
+    def subnet_numel(self) -> int:
+        """Parameters in this rank's subnet."""
+        return sum(p.numel() for p in self.subnet.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's part of the run: round, step, subnet tensors, optimizer state and
+        owner shards. Together, the ranks' state dicts resume the run exactly."""
+        return {
+            "format": self.STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "world_size": dist.get_world_size(),
+            "rank": self.rank,
+            "round": self.round,
+            "steps": self.steps,
+            "subnet": {n: t.detach().clone() for n, t in self._local.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "owners": {n: v.clone() for n, v in self.exchange.owners.values.items()},
+            "totals": dataclasses.asdict(self.totals),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` of this rank; the run must have the same config and world."""
+        if not isinstance(state, dict) or state.get("format") != self.STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not an IST rank state (format {found!r}, expected {self.STATE_FORMAT!r})")
+        mine = self.config.to_dict()
+        for key, value in state["config"].items():
+            if key not in ("extra",) and mine.get(key) != value:
+                raise ValueError(f"checkpoint was written with {key}={value!r}, this run has {key}={mine.get(key)!r}")
+        for key, value in (("world_size", dist.get_world_size()), ("rank", self.rank)):
+            if state[key] != value:
+                raise ValueError(f"checkpoint was written with {key}={state[key]}, this run has {key}={value}")
+        if set(state["subnet"]) != set(self._local) or set(state["owners"]) != set(self.exchange.owners.values):
+            raise ValueError("checkpoint's subnet tensors differ from this run's subnet (another model?)")
+        self.round, self.steps = state["round"], state["steps"]
+        self.assignment = self.decomposition.assignment(self.round)
+        self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
+        with torch.no_grad():
+            for name, value in state["subnet"].items():
+                self._local[name].copy_(value)
+            for name, value in state["owners"].items():
+                self.exchange.owners.values[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        totals = dict(state["totals"])
+        totals["history"] = [RoundMetrics(**m) for m in totals["history"]]
+        self.totals = Totals(**totals)
+        self._round_started = time.perf_counter()
 
     def gather_global(self, dst: int | None = 0) -> nn.Module | None:
         """The global model as it stands after the last sync, on rank ``dst`` (``None``: all).
@@ -227,7 +298,7 @@ class IST:
                     yield view
         finally:
             if self.free_global:
-                self._free_global()
+                self.release_global()
 
     def evaluate(
         self,
@@ -287,10 +358,23 @@ class IST:
     # ---- internals ---------------------------------------------------------------
 
     def _make_optimizer(self, optimizer: OptimizerLike) -> torch.optim.Optimizer:
-        params = list(self.subnet.parameters())
-        if isinstance(optimizer, torch.optim.Optimizer):
-            return type(optimizer)(params, **optimizer.defaults)
-        return optimizer(params)
+        """The subnet's optimizer. Given the user's optimizer over the global model, its
+        class, defaults and param groups (hyper-parameters, scheduler keys) are mirrored:
+        each subnet parameter joins the group of the global parameter it comes from, so a
+        scheduler built on the user's optimizer can drive this one group for group."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer(list(self.subnet.parameters()))
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        global_params = dict(self.model_global.named_parameters())
+        source = {p.subnet_name: p.global_name for p in self.pieces}
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in optimizer.param_groups]
+        for name, param in self.subnet.named_parameters():
+            index = group_of.get(id(global_params[source[name]]))
+            if index is None:
+                param.requires_grad_(False)  # the user does not optimize it: keep it frozen
+            else:
+                groups[index]["params"].append(param)
+        return type(optimizer)(groups, **optimizer.defaults)
 
     def _broadcast_global(self, model: nn.Module) -> None:
         tensors = list(state_tensors(model).values())
@@ -317,7 +401,8 @@ class IST:
             if unheld.any():
                 self.exchange.owners.ensure(name, shape, dtype, init=tensors[name].detach())
 
-    def _free_global(self) -> None:
+    def release_global(self) -> None:
+        """Drop the global model's storage (it is gathered again on demand)."""
         with torch.no_grad():
             for t in state_tensors(self.model_global).values():
                 t.data = torch.empty(0, dtype=t.dtype)
@@ -367,8 +452,8 @@ class IST:
         if piece is None:
             return None
         if not key:
-            return self._local[piece.subnet_name].detach()
-        return self.optimizer.state[self._params[piece.subnet_name]][key]
+            return self._read_cache[0][piece.subnet_name].detach()
+        return self.optimizer.state[self._read_cache[1][piece.subnet_name]][key]
 
     @property
     def pieces(self) -> list[Piece]:

@@ -10,6 +10,8 @@ from .images import (
     extract_tarball,
     find_split_dirs,
     imagenet_transforms,
+    load_hf_image_dataset,
+    load_image_data,
     load_image_folder,
 )
 from .synthetic import CLASS_NAMES, SyntheticShapes, make_synthetic_splits
@@ -28,6 +30,8 @@ __all__ = [
     "extract_tarball",
     "find_split_dirs",
     "imagenet_transforms",
+    "load_hf_image_dataset",
+    "load_image_data",
     "load_image_folder",
     "load_mnist",
     "make_synthetic_splits",

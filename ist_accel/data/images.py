@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ __all__ = [
     "extract_tarball",
     "find_split_dirs",
     "imagenet_transforms",
+    "load_hf_image_dataset",
+    "load_image_data",
     "load_image_folder",
 ]
 
@@ -95,11 +99,86 @@ def load_image_folder(
         size = image_size or 224
         train_ds.transform = imagenet_transforms(size, train=True)
         eval_ds.transform = imagenet_transforms(size, train=False)
+    train_ds.image_size = eval_ds.image_size = size
     logger.info(
         "loaded %s: %d train / %d eval images, %d classes, %s transforms at %d px",
         root, len(train_ds), len(eval_ds), len(train_ds.classes), augment, size,
     )
     return train_ds, eval_ds, len(train_ds.classes)
+
+
+def _transforms(augment: str, image_size: int | None, native: int) -> tuple[Any, Any, int]:
+    if augment == "auto":
+        augment = "cifar" if native <= SMALL_IMAGE_PX else "imagenet"
+    if augment == "cifar":
+        size = image_size or 32
+        return cifar_transforms(True, size), cifar_transforms(False, size), size
+    size = image_size or 224
+    return imagenet_transforms(size, True), imagenet_transforms(size, False), size
+
+
+class HFImages:
+    """A ``datasets`` split as (image tensor, label) items."""
+
+    def __init__(self, split: Any, image_column: str, label_column: str, transform: Any) -> None:
+        self.split, self.image_column, self.label_column, self.transform = split, image_column, label_column, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        item = self.split[index]
+        return self.transform(item[self.image_column].convert("RGB")), int(item[self.label_column])
+
+
+def load_hf_image_dataset(name: str, image_size: int | None = None, augment: str = "auto") -> tuple[Any, Any, int, int]:
+    """A ``datasets`` image classification set (hub name, or a ``save_to_disk`` folder):
+    (train, eval, num_classes, image_size). Eval is ``validation`` or ``test``; the image
+    and label columns are found from the features (``Image`` and ``ClassLabel``)."""
+    import datasets
+
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {list(AUGMENTS)}, got {augment!r}")
+    path = Path(name)
+    data = datasets.load_from_disk(name) if (path / "dataset_dict.json").is_file() else datasets.load_dataset(name)
+    evals = [s for s in ("validation", "test") if s in data]
+    if "train" not in data or not evals:
+        raise ValueError(f"{name}: need a 'train' split and a 'validation' or 'test' split, found {list(data)}")
+    train, held_out = data["train"], data[evals[0]]
+    features = train.features
+    images = [k for k, f in features.items() if isinstance(f, datasets.Image)]
+    labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    if not images or not labels:
+        raise ValueError(f"{name}: need an Image and a ClassLabel column, found {dict(features)}")
+    native = max(train[0][images[0]].size)
+    train_tf, eval_tf, size = _transforms(augment, image_size, native)
+    num_classes = features[labels[0]].num_classes
+    logger.info("loaded %s: %d train / %d %s images, %d classes", name, len(train), len(held_out), evals[0], num_classes)
+    return (HFImages(train, images[0], labels[0], train_tf), HFImages(held_out, images[0], labels[0], eval_tf),
+            num_classes, size)
+
+
+def load_image_data(
+    data: str | Path | None,
+    image_size: int | None = None,
+    augment: str = "auto",
+    cache: str | Path | None = None,
+    seed: int = 0,
+) -> tuple[Any, Any, int, int]:
+    """(train, eval, num_classes, image_size) from an ImageFolder root, a tarball of one
+    (extracted once into ``cache``), or, for ``None``, the embedded synthetic set."""
+    if data is None:
+        from .synthetic import make_synthetic_splits
+
+        size = image_size or 32
+        train, test = make_synthetic_splits(image_size=size, seed=seed)
+        return train, test, train.num_classes, size
+    path = Path(data)
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        stem = path.name.split(".")[0]
+        path = extract_tarball(path, Path(cache or Path(tempfile.gettempdir()) / "ist_accel_data") / stem)
+    train, held_out, num_classes = load_image_folder(path, image_size, augment)
+    return train, held_out, num_classes, train.image_size
 
 
 def _split_root(dest: Path) -> Path | None:
@@ -116,20 +195,27 @@ def extract_tarball(tar_path: str | Path, dest: str | Path) -> Path:
     if not tar_path.is_file():
         raise FileNotFoundError(f"no such tarball: {tar_path}")
     marker = dest / f".{tar_path.name}.extracted"
-    if not marker.exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        logger.info("extracting %s into %s", tar_path, dest)
-        with tarfile.open(tar_path, "r:*") as tar:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, filter="data")
-            else:  # Python < 3.10.12 / 3.11.4: refuse absolute or escaping member paths ourselves
-                for member in tar.getmembers():
-                    target = (dest / member.name).resolve()
-                    if not target.is_relative_to(dest.resolve()) or member.issym() or member.islnk():
-                        raise ValueError(f"{tar_path}: unsafe member {member.name!r}")
-                tar.extractall(dest)
-        marker.touch()
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest / ".lock", "w") as lock:  # several ranks may ask at once: one extracts
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            _extract(tar_path, dest)
+            marker.touch()
     root = _split_root(dest)
     if root is None:
         raise FileNotFoundError(f"{tar_path}: extracted into {dest}, but found no folder holding train/")
     return root
+
+
+def _extract(tar_path: Path, dest: Path) -> None:
+    logger.info("extracting %s into %s", tar_path, dest)
+    with tarfile.open(tar_path, "r:*") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+            return
+        # Python < 3.10.12 / 3.11.4: refuse absolute or escaping member paths ourselves
+        for member in tar.getmembers():
+            target = (dest / member.name).resolve()
+            if not target.is_relative_to(dest.resolve()) or member.issym() or member.islnk():
+                raise ValueError(f"{tar_path}: unsafe member {member.name!r}")
+        tar.extractall(dest)

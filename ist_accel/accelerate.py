@@ -1,0 +1,303 @@
+"""IST inside an Accelerate training loop: :class:`ISTAccelerator` is an ``Accelerator``
+whose ``prepare`` turns (model, optimizer, scheduler) into (subnet, subnet optimizer,
+scheduler) and hooks the round (IST Alg. 1; ResIST Alg. 1) onto ``optimizer.step()``.
+
+A loop changes in two lines, the import and the constructor::
+
+    accelerator = ISTAccelerator(ISTConfig(num_subnets=4, local_steps=50))
+    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    for x, y in train_dl:
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_fn(model(x), y))
+            optimizer.step(); scheduler.step(); optimizer.zero_grad()
+    model.eval()   # every rank: the model now evaluates the averaged global model
+
+Semantics kept from Accelerate: ``accumulate`` counts optimizer steps (a round is
+``local_steps`` real steps, whatever the accumulation), ``backward``/``autocast``/mixed
+precision, ``clip_grad_norm_``, ``gather_for_metrics``, ``log``, ``save_state`` /
+``load_state``. With ``group_size`` G > 1 the subnet is wrapped in DDP over its group
+only; IST moves subnets across groups at round ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import ISTConfig
+from .round import IST, RoundMetrics
+from .tracking import assignment_image, round_log
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
+             DistributedType.MULTI_NPU, DistributedType.MULTI_XPU, DistributedType.MULTI_HPU)
+RANK_STATE = "ist_rank{rank}.pt"
+
+
+class ISTModel(nn.Module):
+    """What :meth:`ISTAccelerator.prepare` returns for the model.
+
+    In training mode it is this rank's subnet (``.subnet``; DDP over the group when G > 1).
+    ``.eval()`` gathers the global model in its evaluation view (all units, eval scaling)
+    on every rank, so an unchanged evaluation loop scores the model IST trains; ``.train()``
+    drops it again. Like any collective, call ``.eval()`` / ``.train()`` on every rank.
+    """
+
+    def __init__(self, ist: IST, trained: nn.Module) -> None:
+        super().__init__()
+        self.subnet = trained
+        object.__setattr__(self, "ist", ist)  # not a submodule: parameters() are the subnet's
+        object.__setattr__(self, "_global_view", None)
+        object.__setattr__(self, "_global_stack", None)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training or self._global_view is None:
+            return self.subnet(*args, **kwargs)
+        return self._global_view(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> ISTModel:
+        super().train(mode)
+        if mode:
+            self.release_global()
+        elif self._global_stack is None:
+            stack = contextlib.ExitStack()
+            view = stack.enter_context(self.ist.eval_global(dst=None))
+            view.eval()
+            object.__setattr__(self, "_global_stack", stack)
+            object.__setattr__(self, "_global_view", view)
+        return self
+
+    def release_global(self) -> None:
+        """Drop the gathered global model (``.train()`` does this)."""
+        if self._global_stack is not None:
+            self._global_stack.close()
+            object.__setattr__(self, "_global_stack", None)
+            object.__setattr__(self, "_global_view", None)
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Gradient accumulation without the group's all-reduce (Accelerate calls this)."""
+        if isinstance(self.subnet, DistributedDataParallel):
+            return self.subnet.no_sync()
+        return contextlib.nullcontext()
+
+
+class ISTAccelerator(Accelerator):
+    """An ``Accelerator`` that trains its model with independent subnets.
+
+    Args:
+        ist_config: the :class:`~ist_accel.ISTConfig`; the world must be S x G processes.
+        example_input: an input for tracing the model, when it is not image-shaped.
+        assignment_log_every: log the assignment picture every this many rounds (0: never).
+        *args, **kwargs: passed to ``Accelerator`` (``mixed_precision``, ``log_with``,
+            ``gradient_accumulation_steps``, ``cpu``, ``project_dir`` ...).
+    """
+
+    def __init__(
+        self,
+        ist_config: ISTConfig,
+        *args: Any,
+        example_input: torch.Tensor | None = None,
+        assignment_log_every: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(ist_config, ISTConfig):
+            raise TypeError(f"ist_config must be an ist_accel.ISTConfig, got {type(ist_config).__name__}")
+        ist_config.validate()
+        ist_config.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
+        if kwargs.get("deepspeed_plugin") is not None or kwargs.get("fsdp_plugin") is not None:
+            raise ValueError("ISTAccelerator runs subnets under DDP-style launches; DeepSpeed and FSDP plugins "
+                             "are not supported by this integration yet")
+        super().__init__(*args, **kwargs)
+        if self.distributed_type not in SUPPORTED:
+            raise ValueError(f"ISTAccelerator supports distributed types {[t.value for t in SUPPORTED]}, "
+                             f"got {self.distributed_type.value}")
+        if self.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+            raise RuntimeError(
+                f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but Accelerate runs {self.num_processes} process(es): "
+                "on CPU pass cpu=True (or ACCELERATE_USE_CPU=true) so the ranks join one world")
+        if not dist.is_initialized():  # one process: a world of one, so the engine runs unchanged
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        self.ist_config = ist_config
+        self.example_input = example_input
+        self.assignment_log_every = assignment_log_every
+        self.ist: IST | None = None
+        self.ist_model: ISTModel | None = None
+
+    # ---- prepare -----------------------------------------------------------------
+
+    def prepare(self, *args: Any, device_placement: list[bool] | None = None) -> Any:
+        """Like ``Accelerator.prepare``; the one model and its optimizer become the subnet
+        and the subnet's optimizer, and a scheduler of that optimizer is re-targeted to it."""
+        models = [a for a in args if isinstance(a, nn.Module)]
+        if not models:
+            return super().prepare(*args, device_placement=device_placement)
+        if self.ist is not None:
+            raise RuntimeError("ISTAccelerator.prepare got a model twice: IST trains one model per run")
+        optimizers = [a for a in args if isinstance(a, torch.optim.Optimizer)]
+        if len(models) != 1 or len(optimizers) != 1:
+            raise ValueError(f"pass exactly one model and its optimizer to prepare(); got {len(models)} model(s) "
+                             f"and {len(optimizers)} optimizer(s)")
+        model, user_optimizer = models[0], optimizers[0]
+        ist_model, optimizer = self._prepare_ist(model, user_optimizer)
+        rest = [a for a in args if a is not model and a is not user_optimizer]
+        for obj in rest:
+            if _is_scheduler(obj) and getattr(obj, "optimizer", None) is user_optimizer:
+                _retarget_scheduler(obj, self.ist.optimizer)
+        prepared = super().prepare(*rest) if rest else ()
+        prepared = iter(prepared if len(rest) != 1 else (prepared,))
+        result = tuple(ist_model if a is model else optimizer if a is user_optimizer else next(prepared) for a in args)
+        return result if len(result) > 1 else result[0]
+
+    def _prepare_ist(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> tuple[ISTModel, Any]:
+        model.to(self.device)
+        self.ist = IST(model, user_optimizer, self.ist_config, example_input=self.example_input, reduce_gradients=False)
+        trained: nn.Module = self.ist.model
+        if self.ist.intra is not None:  # data parallel inside the group only
+            kwargs = self.ddp_handler.to_kwargs() if self.ddp_handler is not None else {}
+            kwargs.setdefault("broadcast_buffers", False)  # buffers are averaged at round ends
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            trained = DistributedDataParallel(trained, device_ids=device_ids, process_group=self.ist.intra, **kwargs)
+        ist_model = self.prepare_model(ISTModel(self.ist, trained), evaluation_mode=True)  # autocast, placement
+        self.ist_model = ist_model
+        optimizer = self.prepare_optimizer(self.ist.optimizer)
+        self.ist.on_sync.append(self._log_round)
+        logger.info("IST: rank %d trains subnet %d (%d of %d parameters)", self.process_index, self.ist.group_index,
+                    self.ist.subnet_numel(), sum(s.numel() for s, _ in self.ist.global_shapes.values()))
+        return ist_model, optimizer
+
+    # ---- the global model ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def eval_global(self) -> Iterator[nn.Module]:
+        """The global model in its evaluation view on every rank (a collective)."""
+        with self._engine().eval_global(dst=None) as view:
+            view.eval()
+            yield view
+
+    def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
+        """For the IST model: the global model's state dict (gathered from the subnets; call
+        on every rank, as ``save_model`` and ``save_state`` do)."""
+        if not isinstance(model, ISTModel):
+            return super().get_state_dict(model, unwrap=unwrap)
+        every_node = self.project_configuration.save_on_each_node
+        gathered = self._engine().gather_global(dst=None if every_node else 0)
+        state = gathered.state_dict() if gathered is not None else {}
+        if self.ist.free_global:
+            self.ist.release_global()  # the returned tensors keep their own storage
+        return state
+
+    # ---- checkpoints ---------------------------------------------------------------
+
+    def save_state(self, output_dir: str | None = None, safe_serialization: bool = True, **kwargs: Any) -> str:
+        """Accelerate's checkpoint (the gathered global model, schedulers, samplers, RNG
+        states, grad scaler) plus, per rank, ``ist_rank<r>.pt``: round, step, subnet,
+        optimizer state and owner shards, which resume the run exactly."""
+        if self.ist is None:
+            return super().save_state(output_dir, safe_serialization, **kwargs)
+        with self._hidden(optimizers=True):
+            location = super().save_state(output_dir, safe_serialization, **kwargs)
+        path = Path(location) / RANK_STATE.format(rank=self.process_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        torch.save(self.ist.state_dict(), temporary)
+        os.replace(temporary, path)
+        self.wait_for_everyone()
+        logger.info("IST: saved round %d (step %d) to %s", self.ist.round, self.ist.steps, location)
+        return location
+
+    def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
+        """Resume from :meth:`save_state`: the same config and world size are required."""
+        if self.ist is None:
+            return super().load_state(input_dir, **kwargs)
+        folder = Path(input_dir) if input_dir is not None else self._latest_checkpoint()
+        path = folder / RANK_STATE.format(rank=self.process_index)
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} has no {path.name}: not an ISTAccelerator checkpoint, or one "
+                                    "written by a different number of processes")
+        self.ist.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        with self._hidden(models=True, optimizers=True):
+            super().load_state(str(folder), **kwargs)
+        logger.info("IST: resumed at round %d (step %d) from %s", self.ist.round, self.ist.steps, folder)
+
+    def _latest_checkpoint(self) -> Path:
+        folder = Path(self.project_dir or ".") / "checkpoints"
+        found = sorted((p for p in folder.glob("checkpoint_*") if re.fullmatch(r"checkpoint_\d+", p.name)),
+                       key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"no checkpoint_<n> folder in {folder}; pass input_dir")
+        return found[-1]
+
+    @contextlib.contextmanager
+    def _hidden(self, models: bool = False, optimizers: bool = False) -> Iterator[None]:
+        """Keep the subnet (whose weights are per rank) out of Accelerate's own files."""
+        saved_models, saved_optimizers = list(self._models), list(self._optimizers)
+        if models:
+            self._models[:] = [m for m in self._models if not isinstance(m, ISTModel)]
+        if optimizers:
+            self._optimizers[:] = [o for o in self._optimizers if o.optimizer is not self.ist.optimizer]
+        try:
+            yield
+        finally:
+            self._models[:], self._optimizers[:] = saved_models, saved_optimizers
+
+    # ---- tracking ------------------------------------------------------------------
+
+    def init_trackers(self, project_name: str, config: dict | None = None, init_kwargs: dict | None = None) -> None:
+        """Accelerate's ``init_trackers``; the run config also records the IST config."""
+        config = {**(config or {}), "ist": self.ist_config.to_dict()}
+        super().init_trackers(project_name, config=config, init_kwargs=init_kwargs)
+
+    def _log_round(self, metrics: RoundMetrics) -> None:
+        if not self.trackers or not self.is_main_process:
+            return
+        self.log(round_log(metrics, self.ist.totals, self.ist.subnet_numel()), step=self.ist.steps)
+        every = self.assignment_log_every
+        if every and metrics.round % every == 0:
+            image = assignment_image(self.ist.decomposition.assignment(metrics.round))
+            for tracker in self.trackers:
+                if hasattr(tracker, "log_images") and tracker.name != "tensorboard":
+                    tracker.log_images({"ist/assignment": [image]}, step=self.ist.steps)
+
+    def _engine(self) -> IST:
+        if self.ist is None:
+            raise RuntimeError("call prepare(model, optimizer, ...) first")
+        return self.ist
+
+
+def _is_scheduler(obj: Any) -> bool:
+    return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
+
+
+def _retarget_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Point a scheduler (and those it chains) at the subnet's optimizer, whose param
+    groups mirror the user's one for one, and keep torch's check that ``step()`` ran."""
+    for s in (scheduler, *getattr(scheduler, "_schedulers", ())):
+        s.optimizer = optimizer
+    step = optimizer.step
+    if not hasattr(step, "_wrapped_by_lr_sched"):
+
+        @functools.wraps(step)
+        def tracked(*args: Any, **kwargs: Any) -> Any:
+            optimizer._opt_called = True
+            return step(*args, **kwargs)
+
+        tracked._wrapped_by_lr_sched = True
+        optimizer.step = tracked
+
+
+__all__ = ["ISTAccelerator", "ISTModel"]

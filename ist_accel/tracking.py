@@ -1,0 +1,53 @@
+"""What a round reports to experiment trackers (W&B through Accelerate, or any other):
+the bytes it moved beside the lower bound, its compute and sync time, and a picture of
+which units each subnet trained."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .decompose import Assignment
+from .round import RoundMetrics, Totals
+
+
+def round_log(metrics: RoundMetrics, totals: Totals, subnet_params: int) -> dict[str, float]:
+    """Scalars for one round (this rank's measurements), under ``ist/``."""
+    return {
+        "ist/round": metrics.round,
+        "ist/bytes_sent": metrics.bytes_sent,
+        "ist/bytes_received": metrics.bytes_received,
+        "ist/bytes_lower": metrics.bytes_lower,
+        "ist/bytes_sent_total": totals.bytes_sent,
+        "ist/bytes_received_total": totals.bytes_received,
+        "ist/bytes_lower_total": totals.bytes_lower,
+        "ist/subnet_params": subnet_params,
+        "ist/compute_seconds": metrics.compute_seconds,
+        "ist/sync_seconds": metrics.sync_seconds,
+    }
+
+
+def assignment_image(assignment: Assignment, scale: int = 4) -> np.ndarray:
+    """An RGB picture of one round's assignment: one band per partitioned group (stage or
+    layer), one row per subnet inside a band, one column per unit; a held unit is lit in
+    its subnet's colour. Bands are separated by a grey row."""
+    S = assignment.num_subnets
+    groups = sorted({g for units in assignment.units for g in units})
+    width = max((max(u[g]) + 1 for u in assignment.units for g in u if u[g]), default=1)
+    rows = []
+    palette = _palette(S)
+    for g in groups:
+        band = np.zeros((S, width, 3), dtype=np.uint8)
+        for s, units in enumerate(assignment.units):
+            band[s, list(units.get(g, ()))] = palette[s]
+        rows += [band, np.full((1, width, 3), 96, dtype=np.uint8)]
+    image = np.concatenate(rows[:-1]) if rows else np.zeros((1, 1, 3), dtype=np.uint8)
+    return image.repeat(scale, 0).repeat(max(1, scale * 64 // max(width, 1)) if width < 64 else 1, 1)
+
+
+def _palette(n: int) -> np.ndarray:
+    hues = np.linspace(0, 1, n, endpoint=False)
+    rgb = np.stack([np.abs(hues * 6 - 3) - 1, 2 - np.abs(hues * 6 - 2), 2 - np.abs(hues * 6 - 4)], 1)
+    return (np.clip(rgb, 0, 1) * 215 + 40).astype(np.uint8)
+
+
+__all__ = ["assignment_image", "round_log"]

@@ -1,0 +1,356 @@
+"""The classification loop the recipes share: one ordinary Accelerate loop that runs
+``--method ist`` (ISTAccelerator), ``ddp`` (Accelerator) or ``localsgd`` (Accelerate's
+``LocalSGD``) with the same data, model, seeds and step budget, and writes
+``results.json``. Recipes parse their own defaults and build data and model; this module
+does the rest (schedule, checkpoints, resume, W&B, evaluation of the global model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.local_sgd import LocalSGD
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .accelerate import ISTAccelerator
+from .accounting import ring_allreduce_bytes
+from .config import DECOMPOSITIONS, OPTIMIZER_STATE_POLICIES, WIRE_DTYPES, ISTConfig
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("ist", "ddp", "localsgd")
+SCHEDULES = ("step", "cosine", "constant")
+
+
+def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
+    """The flags every recipe shares; ``defaults`` overrides their defaults (the recipe's paper setting)."""
+    g = parser.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default="ist", help="ist, or a baseline: ddp / Accelerate's LocalSGD")
+    g.add_argument("--num-subnets", type=int, default=None, help="S (default: world size / group size)")
+    g.add_argument("--group-size", type=int, default=1, help="G, ranks training one subnet together")
+    g.add_argument("--local-steps", type=int, default=50, help="optimizer steps per round (also LocalSGD's)")
+    g.add_argument("--min-blocks", type=int, default=0, help="ResIST minimum depth per partitioned stage")
+    g.add_argument("--stages", default="longest", help="ResIST stages: longest, all, or e.g. layer3:1-22")
+    g.add_argument("--decomposition", choices=DECOMPOSITIONS, default="auto")
+    g.add_argument("--optimizer-state", choices=OPTIMIZER_STATE_POLICIES, default="reset")
+    g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="fp32")
+    g.add_argument("--no-eval-scaling", action="store_true", help="evaluate without the papers' eval scaling")
+    t = parser.add_argument_group("training")
+    t.add_argument("--epochs", type=float, default=1.0, help="training length in epochs (unless --max-steps)")
+    t.add_argument("--max-steps", type=int, default=0, help="optimizer steps to train (overrides --epochs)")
+    t.add_argument("--batch-size", type=int, default=128, help="per worker")
+    t.add_argument("--eval-batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--schedule", choices=SCHEDULES, default="step")
+    t.add_argument("--milestones", type=float, nargs="*", default=[0.5, 0.75],
+                   help="step schedule: fractions of training where the lr is divided by 10")
+    t.add_argument("--lr-warmup-steps", type=int, default=0, help="linear lr warm-up")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--clip-grad-norm", type=float, default=0.0, help="0: no clipping")
+    t.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-every", type=int, default=0, help="evaluate every this many steps (0: at the end)")
+    t.add_argument("--log-every", type=int, default=10)
+    o = parser.add_argument_group("output")
+    o.add_argument("--output-dir", default="out")
+    o.add_argument("--report-to", choices=("wandb", "none"), default="none")
+    o.add_argument("--project", default="ist_accel", help="W&B project")
+    o.add_argument("--run-name", default=None)
+    o.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save_state every this many steps (ist: a multiple of --local-steps); 0: never")
+    o.add_argument("--keep-checkpoints", type=int, default=2)
+    o.add_argument("--resume", default=None, help="'auto' (latest in OUTPUT_DIR/checkpoints) or a checkpoint folder")
+    o.add_argument("--stop-after-steps", type=int, default=0,
+                   help="stop abruptly after this many steps, as if the job were killed (to exercise --resume)")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Clear errors before any process group or file is touched."""
+    for name in ("local_steps", "batch_size", "eval_batch_size", "grad_accum", "group_size", "log_every"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_steps", "checkpoint_every", "eval_every", "stop_after_steps", "lr_warmup_steps", "min_blocks"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.epochs <= 0 and args.max_steps == 0:
+        raise SystemExit(f"--epochs must be > 0 (or give --max-steps), got {args.epochs}")
+    if args.lr <= 0:
+        raise SystemExit(f"--lr must be > 0, got {args.lr}")
+    if not all(0 < m < 1 for m in args.milestones):
+        raise SystemExit(f"--milestones are fractions of training in (0, 1), got {args.milestones}")
+    if args.method == "ist" and args.checkpoint_every % args.local_steps:
+        raise SystemExit(f"--checkpoint-every {args.checkpoint_every} must be a multiple of --local-steps "
+                         f"{args.local_steps}: IST checkpoints are taken at round ends")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.method == "ist":
+        if world % args.group_size:
+            raise SystemExit(f"world size {world} is not a multiple of --group-size {args.group_size}")
+        if args.num_subnets is None:
+            args.num_subnets = world // args.group_size
+        ist_config(args).check_world_size(world)
+
+
+def ist_config(args: argparse.Namespace) -> ISTConfig:
+    try:
+        return ISTConfig(
+            num_subnets=args.num_subnets, local_steps=args.local_steps, min_blocks=args.min_blocks,
+            decomposition=args.decomposition, stages=args.stages, optimizer_state=args.optimizer_state,
+            group_size=args.group_size, seed=args.seed, eval_scaling=not args.no_eval_scaling,
+            wire_dtype=args.wire_dtype,
+        )
+    except ValueError as error:
+        raise SystemExit(f"bad IST setting: {error}") from None
+
+
+def make_accelerator(args: argparse.Namespace, example_input: torch.Tensor | None = None) -> Accelerator:
+    kwargs: dict[str, Any] = dict(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum,
+        log_with="wandb" if args.report_to == "wandb" else None,
+        project_dir=args.output_dir,
+        step_scheduler_with_optimizer=False,  # the schedule is written in optimizer steps
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # resumable shuffles
+        cpu=not torch.cuda.is_available(),
+    )
+    if args.method == "ist":
+        return ISTAccelerator(ist_config(args), example_input=example_input, **kwargs)
+    return Accelerator(**kwargs)
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup_steps: int, milestones: Sequence[float]):
+    """Multiplier of the base lr after ``step`` optimizer steps."""
+    marks = [int(m * total_steps) for m in milestones]
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        if schedule == "step":
+            return warm * 0.1 ** sum(step >= m for m in marks)
+        if schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+        return warm
+
+    return factor
+
+
+class Progress:
+    """Where the loop stands (saved with every checkpoint)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.batches_seen = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "batches_seen": self.batches_seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.batches_seen = int(state["step"]), int(state["batches_seen"])
+
+
+def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy over the whole eval set. For IST, ``model.eval()`` switches to the
+    averaged global model in its evaluation view (every rank, a collective)."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            pred = model(x).argmax(-1)
+            pred, y = accelerator.gather_for_metrics((pred, y))
+            correct += int((pred == y).sum())
+            total += len(y)
+    model.train()
+    return correct / max(total, 1)
+
+
+def train_classifier(
+    args: argparse.Namespace,
+    model: nn.Module,
+    train_set: Dataset,
+    eval_set: Dataset,
+    example_input: torch.Tensor | None = None,
+) -> dict[str, Any] | None:
+    """Train and evaluate; returns the results (also written to ``OUTPUT_DIR/results.json``
+    on the main process), or ``None`` when ``--stop-after-steps`` cut the run short."""
+    accelerator = make_accelerator(args, example_input)
+    set_seed(args.seed)
+    output = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                              num_workers=args.num_workers)
+    eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() > 1 else no_decay).append(p)
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=args.momentum)
+    batches_per_epoch = len(train_loader) // accelerator.num_processes
+    total_steps = args.max_steps or max(1, int(args.epochs * batches_per_epoch) // args.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.schedule, total_steps, args.lr_warmup_steps, args.milestones))
+    model_params = sum(p.numel() for p in model.parameters())
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    if args.resume:
+        _resume(accelerator, args, output)
+    if args.report_to == "wandb":
+        accelerator.init_trackers(args.project, config=vars(args),
+                                  init_kwargs={"wandb": {"name": args.run_name, "dir": str(output)}})
+    local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=args.local_steps,
+                         enabled=args.method == "localsgd")
+    results = _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
+                    total_steps, batches_per_epoch, local_sgd)
+    if results is None:
+        return None
+    results.update(_communication(args, accelerator, model_params, progress.step))
+    results["model_params"] = model_params
+    if accelerator.is_main_process:
+        (output / "results.json").write_text(json.dumps(results, indent=2))
+        logger.info("results: %s", json.dumps(results))
+    accelerator.save_model(model, output / "model")
+    accelerator.end_training()
+    return results
+
+
+def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress, total_steps,
+          batches_per_epoch, local_sgd) -> dict[str, Any] | None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process,
+               desc=f"{args.method}", dynamic_ncols=True)
+    started = time.perf_counter()
+    loss_sum, loss_count, accuracy = 0.0, 0, None
+    model.train()
+    with local_sgd:
+        while progress.step < total_steps:
+            epoch, skip = divmod(progress.batches_seen, batches_per_epoch)
+            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            loader.set_epoch(epoch)
+            for x, y in loader:
+                with accelerator.accumulate(model):
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.clip_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                progress.batches_seen += 1
+                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                if not accelerator.sync_gradients:
+                    continue
+                progress.step += 1
+                local_sgd.step()
+                bar.update(1)
+                step = progress.step
+                if step % args.log_every == 0 or step == total_steps:
+                    lr = optimizer.param_groups[0]["lr"]
+                    accelerator.log({"train/loss": loss_sum / loss_count, "train/lr": lr,
+                                     "train/epoch": progress.batches_seen / batches_per_epoch}, step=step)
+                    bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}", lr=f"{lr:.3g}")
+                    loss_sum, loss_count = 0.0, 0
+                if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+                    accuracy = evaluate(accelerator, model, eval_loader)
+                    accelerator.log({"eval/accuracy": accuracy}, step=step)
+                    bar.write(f"step {step}: eval accuracy {accuracy:.4f}") if accelerator.is_main_process else None
+                if args.checkpoint_every and step % args.checkpoint_every == 0:
+                    _checkpoint(accelerator, args, step)
+                if args.stop_after_steps and step == args.stop_after_steps:
+                    bar.close()
+                    logger.warning("stopping abruptly after %d steps (--stop-after-steps)", step)
+                    return None
+                if step >= total_steps:
+                    break
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    accuracy = evaluate(accelerator, model, eval_loader)
+    accelerator.log({"eval/accuracy": accuracy}, step=progress.step)
+    return {"method": args.method, "final_accuracy": accuracy, "steps": progress.step,
+            "samples_per_worker": progress.batches_seen * args.batch_size,
+            "world_size": accelerator.num_processes, "train_seconds": train_seconds}
+
+
+def _communication(args, accelerator, model_params: int, steps: int) -> dict[str, Any]:
+    """Bytes per worker for the whole run: measured for IST (mean over ranks); for the
+    baselines, a bandwidth-optimal ring all-reduce of the parameters (per step for DDP,
+    per round for LocalSGD), which is also their lower bound."""
+    world = accelerator.num_processes
+    if args.method == "ist":
+        ist = accelerator.ist
+        t = ist.totals
+        values = torch.tensor([t.bytes_sent, t.bytes_received, t.bytes_lower, t.compute_seconds, t.sync_seconds,
+                               ist.subnet_numel()], dtype=torch.float64, device=accelerator.device)
+        mean = accelerator.reduce(values, "mean").tolist()
+        return {"rounds": t.rounds, "bytes_sent_per_worker": mean[0], "bytes_received_per_worker": mean[1],
+                "bytes_lower_per_worker": mean[2], "compute_seconds": mean[3], "sync_seconds": mean[4],
+                "subnet_params": mean[5], "bytes_measured": True, "ist_config": accelerator.ist_config.to_dict()}
+    syncs = steps if args.method == "ddp" else steps // args.local_steps
+    per_sync = ring_allreduce_bytes(model_params, world)
+    return {"rounds": syncs, "bytes_sent_per_worker": per_sync * syncs, "bytes_received_per_worker": per_sync * syncs,
+            "bytes_lower_per_worker": per_sync * syncs, "compute_seconds": None, "sync_seconds": None,
+            "subnet_params": model_params, "bytes_measured": False}
+
+
+def _checkpoint_root(output: Path) -> Path:
+    return output / "checkpoints"
+
+
+def _checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int) -> None:
+    root = _checkpoint_root(Path(args.output_dir))
+    accelerator.save_state(str(root / f"step_{step:08d}"))
+    if accelerator.is_main_process and args.keep_checkpoints > 0:
+        for old in sorted(root.glob("step_*"))[: -args.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator: Accelerator, args: argparse.Namespace, output: Path) -> None:
+    if args.resume != "auto":
+        accelerator.load_state(args.resume)
+        return
+    found = sorted(_checkpoint_root(output).glob("step_*"))
+    if not found:
+        logger.info("--resume auto: no checkpoint in %s, starting fresh", _checkpoint_root(output))
+        return
+    accelerator.load_state(str(found[-1]))
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+
+
+def finish(code: int = 0) -> None:
+    """End a recipe process: flush, leave the process group, and exit without running
+    interpreter teardown, where gloo sometimes aborts after the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+__all__ = ["METHODS", "Progress", "add_training_args", "check_args", "evaluate", "finish", "ist_config",
+           "lr_lambda", "make_accelerator", "setup_logging", "train_classifier"]

@@ -1,0 +1,70 @@
+"""A worker for ISTAccelerator tests: an ordinary Accelerate loop (gradient accumulation,
+clipping, an lr scheduler) on deterministic micro-batches; rank 0 saves the global model,
+the global model's outputs on the eval items, and what the scheduler set."""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import batch_for, eval_items, loss_fn, make_model  # noqa: E402
+
+from ist_accel import ISTAccelerator, ISTConfig  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--num-subnets", type=int, required=True)
+    ap.add_argument("--group-size", type=int, default=1)
+    ap.add_argument("--policy", default="reset")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-steps", type=int, default=2)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
+                       optimizer_state=args.policy, seed=5)
+    accelerator = ISTAccelerator(config, cpu=True, gradient_accumulation_steps=args.accum)
+    world = accelerator.num_processes
+    model = make_model(args.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # Accelerate steps a scheduler once per process per optimizer step: halve the lr every round
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 ** (e // (args.local_steps * world)))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    s, g = divmod(accelerator.process_index, args.group_size)
+    lrs = []
+    for t in range(args.rounds * args.local_steps):
+        for k in range(args.accum):
+            with accelerator.accumulate(model):
+                loss = loss_fn(model, batch_for(args.model, s, g, t * args.accum + k))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    before = accelerator.get_state_dict(model)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.stack([x for x, _ in eval_items(args.model)]))
+    model.train()
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        torch.save({"global": {k: v.clone() for k, v in state.items()}, "before": before, "logits": logits}, os.path.join(args.out, "global.pt"))
+    with open(os.path.join(args.out, f"rank{accelerator.process_index}.json"), "w") as f:
+        json.dump({"lrs": lrs, "rounds": accelerator.ist.round, "steps": accelerator.ist.steps,
+                   "micro_batches": args.rounds * args.local_steps * args.accum}, f)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
