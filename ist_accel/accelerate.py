@@ -118,7 +118,9 @@ class ISTAccelerator(Accelerator):
             raise TypeError(f"ist_config must be an ist_accel.ISTConfig, got {type(ist_config).__name__}")
         ist_config.validate()
         ist_config.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
-        if kwargs.get("deepspeed_plugin") is not None or kwargs.get("fsdp_plugin") is not None:
+        if (kwargs.get("deepspeed_plugin") is not None or kwargs.get("fsdp_plugin") is not None
+                or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+                or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
             raise ValueError("ISTAccelerator runs subnets under DDP-style launches; DeepSpeed and FSDP plugins "
                              "are not supported by this integration yet")
         super().__init__(*args, **kwargs)
@@ -165,6 +167,7 @@ class ISTAccelerator(Accelerator):
 
     def _prepare_ist(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> tuple[ISTModel, Any]:
         model.to(self.device)
+        model_params = sum(p.numel() for p in model.parameters())
         self.ist = IST(model, user_optimizer, self.ist_config, example_input=self.example_input, reduce_gradients=False)
         trained: nn.Module = self.ist.model
         if self.ist.intra is not None:  # data parallel inside the group only
@@ -177,7 +180,7 @@ class ISTAccelerator(Accelerator):
         optimizer = self.prepare_optimizer(self.ist.optimizer)
         self.ist.on_sync.append(self._log_round)
         logger.info("IST: rank %d trains subnet %d (%d of %d parameters)", self.process_index, self.ist.group_index,
-                    self.ist.subnet_numel(), sum(s.numel() for s, _ in self.ist.global_shapes.values()))
+                    self.ist.subnet_numel(), model_params)
         return ist_model, optimizer
 
     # ---- the global model ------------------------------------------------------------
@@ -229,7 +232,7 @@ class ISTAccelerator(Accelerator):
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no {path.name}: not an ISTAccelerator checkpoint, or one "
                                     "written by a different number of processes")
-        self.ist.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        self.ist.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         with self._hidden(models=True, optimizers=True):
             super().load_state(str(folder), **kwargs)
         logger.info("IST: resumed at round %d (step %d) from %s", self.ist.round, self.ist.steps, folder)

@@ -201,6 +201,7 @@ class IST:
             "subnet": {n: t.detach().clone() for n, t in self._local.items()},
             "optimizer": self.optimizer.state_dict(),
             "owners": {n: v.clone() for n, v in self.exchange.owners.values.items()},
+            "owner_rows": {n: list(r) for n, r in self.exchange.owners.rows.items()},
             "totals": dataclasses.asdict(self.totals),
         }
 
@@ -216,7 +217,8 @@ class IST:
         for key, value in (("world_size", dist.get_world_size()), ("rank", self.rank)):
             if state[key] != value:
                 raise ValueError(f"checkpoint was written with {key}={state[key]}, this run has {key}={value}")
-        if set(state["subnet"]) != set(self._local) or set(state["owners"]) != set(self.exchange.owners.values):
+        owners = self.exchange.owners
+        if set(state["subnet"]) != set(self._local) or not set(owners.values) <= set(state["owners"]):
             raise ValueError("checkpoint's subnet tensors differ from this run's subnet (another model?)")
         self.round, self.steps = state["round"], state["steps"]
         self.assignment = self.decomposition.assignment(self.round)
@@ -224,8 +226,9 @@ class IST:
         with torch.no_grad():
             for name, value in state["subnet"].items():
                 self._local[name].copy_(value)
-            for name, value in state["owners"].items():
-                self.exchange.owners.values[name].copy_(value)
+            for name, value in state["owners"].items():  # optimizer-state shards appear at the first sync
+                owners.rows[name] = tuple(state["owner_rows"][name])
+                owners.values[name] = value.to(owners.device)
         self.optimizer.load_state_dict(state["optimizer"])
         totals = dict(state["totals"])
         totals["history"] = [RoundMetrics(**m) for m in totals["history"]]

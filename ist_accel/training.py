@@ -120,11 +120,15 @@ def ist_config(args: argparse.Namespace) -> ISTConfig:
         raise SystemExit(f"bad IST setting: {error}") from None
 
 
-def make_accelerator(args: argparse.Namespace, example_input: torch.Tensor | None = None) -> Accelerator:
+def make_accelerator(
+    args: argparse.Namespace, example_input: torch.Tensor | None = None, trackers: Sequence[Any] = ()
+) -> Accelerator:
+    """The run's accelerator; ``trackers`` are extra Accelerate trackers beside ``--report-to``."""
+    log_with = (["wandb"] if args.report_to == "wandb" else []) + list(trackers)
     kwargs: dict[str, Any] = dict(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum,
-        log_with="wandb" if args.report_to == "wandb" else None,
+        log_with=log_with or None,
         project_dir=args.output_dir,
         step_scheduler_with_optimizer=False,  # the schedule is written in optimizer steps
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # resumable shuffles
@@ -185,10 +189,11 @@ def train_classifier(
     train_set: Dataset,
     eval_set: Dataset,
     example_input: torch.Tensor | None = None,
+    trackers: Sequence[Any] = (),
 ) -> dict[str, Any] | None:
     """Train and evaluate; returns the results (also written to ``OUTPUT_DIR/results.json``
     on the main process), or ``None`` when ``--stop-after-steps`` cut the run short."""
-    accelerator = make_accelerator(args, example_input)
+    accelerator = make_accelerator(args, example_input, trackers)
     set_seed(args.seed)
     output = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -212,7 +217,7 @@ def train_classifier(
     accelerator.register_for_checkpointing(progress)
     if args.resume:
         _resume(accelerator, args, output)
-    if args.report_to == "wandb":
+    if accelerator.log_with:
         accelerator.init_trackers(args.project, config=vars(args),
                                   init_kwargs={"wandb": {"name": args.run_name, "dir": str(output)}})
     local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=args.local_steps,
@@ -236,7 +241,7 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process,
-               desc=f"{args.method}", dynamic_ncols=True)
+               desc=f"{args.method}", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     started = time.perf_counter()
     loss_sum, loss_count, accuracy = 0.0, 0, None
     model.train()

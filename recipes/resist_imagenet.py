@@ -17,6 +17,8 @@ import argparse
 
 from ist_accel.data import load_hf_image_dataset, load_image_data
 from ist_accel.models import MODEL_NAMES, build_model
+from accelerate.utils import set_seed
+
 from ist_accel.training import add_training_args, check_args, finish, setup_logging, train_classifier
 
 
@@ -41,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> None:
     setup_logging()
     args = parse_args()
+    set_seed(args.seed)  # the same initial model in every rank and every run
     if args.dataset_name:
         train_set, eval_set, num_classes, size = load_hf_image_dataset(args.dataset_name, args.image_size, args.augment)
     else:
