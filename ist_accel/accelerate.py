@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -46,18 +47,20 @@ logger = logging.getLogger(__name__)
 SUPPORTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
              DistributedType.MULTI_NPU, DistributedType.MULTI_XPU, DistributedType.MULTI_HPU)
 RANK_STATE = "ist_rank{rank}.pt"
+WARMUP_STATE = "ist_warmup.json"
 
 
 class ISTModel(nn.Module):
     """What :meth:`ISTAccelerator.prepare` returns for the model.
 
-    In training mode it is this rank's subnet (``.subnet``; DDP over the group when G > 1).
+    In training mode it is this rank's subnet (``.subnet``; DDP over the group when G > 1;
+    during a data-parallel warm-up, the whole model under DDP over all ranks).
     ``.eval()`` gathers the global model in its evaluation view (all units, eval scaling)
     on every rank, so an unchanged evaluation loop scores the model IST trains; ``.train()``
     drops it again. Like any collective, call ``.eval()`` / ``.train()`` on every rank.
     """
 
-    def __init__(self, ist: IST, trained: nn.Module) -> None:
+    def __init__(self, ist: IST | None, trained: nn.Module) -> None:
         super().__init__()
         self.subnet = trained
         object.__setattr__(self, "ist", ist)  # not a submodule: parameters() are the subnet's
@@ -73,7 +76,7 @@ class ISTModel(nn.Module):
         super().train(mode)
         if mode:
             self.release_global()
-        elif self._global_stack is None:
+        elif self._global_stack is None and self.ist is not None:  # (warm-up: the model is whole)
             stack = contextlib.ExitStack()
             view = stack.enter_context(self.ist.eval_global(dst=None))
             view.eval()
@@ -102,6 +105,8 @@ class ISTAccelerator(Accelerator):
         ist_config: the :class:`~ist_accel.ISTConfig`; the world must be S x G processes.
         example_input: an input for tracing the model, when it is not image-shaped.
         assignment_log_every: log the assignment picture every this many rounds (0: never).
+        dense_warmup_steps: first train the whole model data-parallel (DDP over all ranks)
+            for this many optimizer steps, then switch to IST (ResIST's ImageNet setting).
         *args, **kwargs: passed to ``Accelerator`` (``mixed_precision``, ``log_with``,
             ``gradient_accumulation_steps``, ``cpu``, ``project_dir`` ...).
     """
@@ -112,11 +117,14 @@ class ISTAccelerator(Accelerator):
         *args: Any,
         example_input: torch.Tensor | None = None,
         assignment_log_every: int = 1,
+        dense_warmup_steps: int = 0,
         **kwargs: Any,
     ) -> None:
         if not isinstance(ist_config, ISTConfig):
             raise TypeError(f"ist_config must be an ist_accel.ISTConfig, got {type(ist_config).__name__}")
         ist_config.validate()
+        if isinstance(dense_warmup_steps, bool) or not isinstance(dense_warmup_steps, int) or dense_warmup_steps < 0:
+            raise ValueError(f"dense_warmup_steps must be an integer >= 0, got {dense_warmup_steps!r}")
         ist_config.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
         if (kwargs.get("deepspeed_plugin") is not None or kwargs.get("fsdp_plugin") is not None
                 or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -137,8 +145,10 @@ class ISTAccelerator(Accelerator):
         self.ist_config = ist_config
         self.example_input = example_input
         self.assignment_log_every = assignment_log_every
+        self.dense_warmup_steps = dense_warmup_steps
         self.ist: IST | None = None
         self.ist_model: ISTModel | None = None
+        self._pending: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None  # (model, optimizer, wrapped) in warm-up
 
     # ---- prepare -----------------------------------------------------------------
 
@@ -148,17 +158,20 @@ class ISTAccelerator(Accelerator):
         models = [a for a in args if isinstance(a, nn.Module)]
         if not models:
             return super().prepare(*args, device_placement=device_placement)
-        if self.ist is not None:
+        if self.ist_model is not None:
             raise RuntimeError("ISTAccelerator.prepare got a model twice: IST trains one model per run")
         optimizers = [a for a in args if isinstance(a, torch.optim.Optimizer)]
         if len(models) != 1 or len(optimizers) != 1:
             raise ValueError(f"pass exactly one model and its optimizer to prepare(); got {len(models)} model(s) "
                              f"and {len(optimizers)} optimizer(s)")
         model, user_optimizer = models[0], optimizers[0]
-        ist_model, optimizer = self._prepare_ist(model, user_optimizer)
+        if self.dense_warmup_steps:
+            ist_model, optimizer = self._prepare_warmup(model, user_optimizer)
+        else:
+            ist_model, optimizer = self._prepare_ist(model, user_optimizer)
         rest = [a for a in args if a is not model and a is not user_optimizer]
         for obj in rest:
-            if _is_scheduler(obj) and getattr(obj, "optimizer", None) is user_optimizer:
+            if _is_scheduler(obj) and getattr(obj, "optimizer", None) is user_optimizer and self.ist is not None:
                 _retarget_scheduler(obj, self.ist.optimizer)
         prepared = super().prepare(*rest) if rest else ()
         prepared = iter(prepared if len(rest) != 1 else (prepared,))
@@ -167,21 +180,67 @@ class ISTAccelerator(Accelerator):
 
     def _prepare_ist(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> tuple[ISTModel, Any]:
         model.to(self.device)
+        ist_model = self.prepare_model(ISTModel(None, model), evaluation_mode=True)  # autocast, placement
+        self.ist_model = ist_model
+        self._start_ist(model, user_optimizer)
+        return ist_model, self.prepare_optimizer(self.ist.optimizer)
+
+    def _prepare_warmup(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> tuple[ISTModel, Any]:
+        """Whole model, DDP over all ranks, the user's own optimizer, until the switch."""
+        model.to(self.device)
+        trained: nn.Module = model
+        if self.num_processes > 1:
+            kwargs = self.ddp_handler.to_kwargs() if self.ddp_handler is not None else {}
+            trained = DistributedDataParallel(model, device_ids=self._device_ids(), **kwargs)
+        ist_model = self.prepare_model(ISTModel(None, trained), evaluation_mode=True)
+        self.ist_model = ist_model
+        optimizer = self.prepare_optimizer(user_optimizer)
+        hook = user_optimizer.register_step_post_hook(self._count_warmup_step)
+        self._pending = (model, user_optimizer, optimizer, hook)
+        self._warmup_done = 0
+        logger.info("IST: %d data-parallel warm-up steps before IST", self.dense_warmup_steps)
+        return ist_model, optimizer
+
+    def _count_warmup_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._warmup_done += 1
+        if self._warmup_done >= self.dense_warmup_steps:
+            self._switch_to_ist()
+
+    def _switch_to_ist(self) -> None:
+        """End the warm-up: the same prepared objects now train subnets."""
+        model, user_optimizer, accelerated, hook = self._pending
+        hook.remove()
+        self._pending = None
+        self._start_ist(model, user_optimizer)
+        user_optimizer.state.clear()  # the whole model's momentum is not carried into subnets
+        accelerated.optimizer = self.ist.optimizer
+        for scheduler in self._schedulers:
+            if getattr(scheduler.scheduler, "optimizer", None) is user_optimizer:
+                _retarget_scheduler(scheduler.scheduler, self.ist.optimizer)
+        logger.info("IST: warm-up done, switched to %d subnets", self.ist_config.num_subnets)
+
+    def _start_ist(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> None:
         model_params = sum(p.numel() for p in model.parameters())
         self.ist = IST(model, user_optimizer, self.ist_config, example_input=self.example_input, reduce_gradients=False)
         trained: nn.Module = self.ist.model
         if self.ist.intra is not None:  # data parallel inside the group only
             kwargs = self.ddp_handler.to_kwargs() if self.ddp_handler is not None else {}
             kwargs.setdefault("broadcast_buffers", False)  # buffers are averaged at round ends
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            trained = DistributedDataParallel(trained, device_ids=device_ids, process_group=self.ist.intra, **kwargs)
-        ist_model = self.prepare_model(ISTModel(self.ist, trained), evaluation_mode=True)  # autocast, placement
-        self.ist_model = ist_model
-        optimizer = self.prepare_optimizer(self.ist.optimizer)
+            trained = DistributedDataParallel(trained, device_ids=self._device_ids(), process_group=self.ist.intra,
+                                              **kwargs)
+        self.ist_model.subnet = trained
+        object.__setattr__(self.ist_model, "ist", self.ist)
         self.ist.on_sync.append(self._log_round)
         logger.info("IST: rank %d trains subnet %d (%d of %d parameters)", self.process_index, self.ist.group_index,
                     self.ist.subnet_numel(), model_params)
-        return ist_model, optimizer
+
+    def _device_ids(self) -> list[int] | None:
+        return [self.device.index] if self.device.type == "cuda" else None
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while the data-parallel warm-up runs (before the switch to IST)."""
+        return self._pending is not None
 
     # ---- the global model ------------------------------------------------------------
 
@@ -197,6 +256,8 @@ class ISTAccelerator(Accelerator):
         on every rank, as ``save_model`` and ``save_state`` do)."""
         if not isinstance(model, ISTModel):
             return super().get_state_dict(model, unwrap=unwrap)
+        if self.ist is None:  # warm-up: the whole model is here
+            return self._pending[0].state_dict()
         every_node = self.project_configuration.save_on_each_node
         gathered = self._engine().gather_global(dst=None if every_node else 0)
         state = gathered.state_dict() if gathered is not None else {}
@@ -210,8 +271,12 @@ class ISTAccelerator(Accelerator):
         """Accelerate's checkpoint (the gathered global model, schedulers, samplers, RNG
         states, grad scaler) plus, per rank, ``ist_rank<r>.pt``: round, step, subnet,
         optimizer state and owner shards, which resume the run exactly."""
-        if self.ist is None:
-            return super().save_state(output_dir, safe_serialization, **kwargs)
+        if self.ist is None:  # before prepare, or during the warm-up (plain data parallel)
+            location = super().save_state(output_dir, safe_serialization, **kwargs)
+            if self._pending is not None and self.is_main_process:
+                (Path(location) / WARMUP_STATE).write_text(json.dumps({"warmup_steps_done": self._warmup_done}))
+            self.wait_for_everyone()
+            return location
         with self._hidden(optimizers=True):
             location = super().save_state(output_dir, safe_serialization, **kwargs)
         path = Path(location) / RANK_STATE.format(rank=self.process_index)
@@ -225,10 +290,14 @@ class ISTAccelerator(Accelerator):
 
     def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
         """Resume from :meth:`save_state`: the same config and world size are required."""
-        if self.ist is None:
-            return super().load_state(input_dir, **kwargs)
         folder = Path(input_dir) if input_dir is not None else self._latest_checkpoint()
         path = folder / RANK_STATE.format(rank=self.process_index)
+        if self.ist is None and self._pending is not None:
+            if not path.is_file():  # a checkpoint from inside the warm-up
+                return self._load_warmup_state(folder, **kwargs)
+            self._switch_to_ist()
+        if self.ist is None:
+            return super().load_state(input_dir, **kwargs)
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no {path.name}: not an ISTAccelerator checkpoint, or one "
                                     "written by a different number of processes")
@@ -236,6 +305,18 @@ class ISTAccelerator(Accelerator):
         with self._hidden(models=True, optimizers=True):
             super().load_state(str(folder), **kwargs)
         logger.info("IST: resumed at round %d (step %d) from %s", self.ist.round, self.ist.steps, folder)
+
+    def _load_warmup_state(self, folder: Path, **kwargs: Any) -> None:
+        from safetensors.torch import load_file
+
+        model = self._pending[0]
+        weights = folder / "model.safetensors"
+        state = load_file(weights, device=str(self.device)) if weights.is_file() else torch.load(
+            folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        with self._hidden(models=True):
+            super().load_state(str(folder), **kwargs)
+        self._warmup_done = json.loads((folder / WARMUP_STATE).read_text())["warmup_steps_done"]
 
     def _latest_checkpoint(self) -> Path:
         folder = Path(self.project_dir or ".") / "checkpoints"
@@ -251,7 +332,7 @@ class ISTAccelerator(Accelerator):
         saved_models, saved_optimizers = list(self._models), list(self._optimizers)
         if models:
             self._models[:] = [m for m in self._models if not isinstance(m, ISTModel)]
-        if optimizers:
+        if optimizers and self.ist is not None:
             self._optimizers[:] = [o for o in self._optimizers if o.optimizer is not self.ist.optimizer]
         try:
             yield

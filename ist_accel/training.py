@@ -48,6 +48,9 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     g.add_argument("--optimizer-state", choices=OPTIMIZER_STATE_POLICIES, default="reset")
     g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="fp32")
     g.add_argument("--no-eval-scaling", action="store_true", help="evaluate without the papers' eval scaling")
+    g.add_argument("--dense-warmup-epochs", type=float, default=0.0,
+                   help="ist: train the whole model data-parallel this long first (ResIST's ImageNet setting); "
+                        "rounded up to whole rounds")
     t = parser.add_argument_group("training")
     t.add_argument("--epochs", type=float, default=1.0, help="training length in epochs (unless --max-steps)")
     t.add_argument("--max-steps", type=int, default=0, help="optimizer steps to train (overrides --epochs)")
@@ -92,6 +95,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.epochs <= 0 and args.max_steps == 0:
         raise SystemExit(f"--epochs must be > 0 (or give --max-steps), got {args.epochs}")
+    if args.dense_warmup_epochs < 0 or (args.dense_warmup_epochs and args.method != "ist"):
+        raise SystemExit(f"--dense-warmup-epochs must be >= 0 and needs --method ist, got {args.dense_warmup_epochs} "
+                         f"with --method {args.method}")
     if args.lr <= 0:
         raise SystemExit(f"--lr must be > 0, got {args.lr}")
     if not all(0 < m < 1 for m in args.milestones):
@@ -208,6 +214,9 @@ def train_classifier(
                                  {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=args.momentum)
     batches_per_epoch = len(train_loader) // accelerator.num_processes
     total_steps = args.max_steps or max(1, int(args.epochs * batches_per_epoch) // args.grad_accum)
+    if args.dense_warmup_epochs:  # whole rounds, so round ends stay on multiples of --local-steps
+        warm = math.ceil(args.dense_warmup_epochs * batches_per_epoch / args.grad_accum / args.local_steps)
+        accelerator.dense_warmup_steps = warm * args.local_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.schedule, total_steps, args.lr_warmup_steps, args.milestones))
     model_params = sum(p.numel() for p in model.parameters())
@@ -305,9 +314,12 @@ def _communication(args, accelerator, model_params: int, steps: int) -> dict[str
         values = torch.tensor([t.bytes_sent, t.bytes_received, t.bytes_lower, t.compute_seconds, t.sync_seconds,
                                ist.subnet_numel()], dtype=torch.float64, device=accelerator.device)
         mean = accelerator.reduce(values, "mean").tolist()
-        return {"rounds": t.rounds, "bytes_sent_per_worker": mean[0], "bytes_received_per_worker": mean[1],
-                "bytes_lower_per_worker": mean[2], "compute_seconds": mean[3], "sync_seconds": mean[4],
-                "subnet_params": mean[5], "bytes_measured": True, "ist_config": accelerator.ist_config.to_dict()}
+        # a data-parallel warm-up all-reduced the whole model every step: counted, at its ring bound
+        warm = accelerator.dense_warmup_steps * ring_allreduce_bytes(model_params, world)
+        return {"rounds": t.rounds, "bytes_sent_per_worker": mean[0] + warm, "bytes_received_per_worker": mean[1] + warm,
+                "bytes_lower_per_worker": mean[2] + warm, "compute_seconds": mean[3], "sync_seconds": mean[4],
+                "subnet_params": mean[5], "bytes_measured": True, "dense_warmup_steps": accelerator.dense_warmup_steps,
+                "dense_warmup_bytes_per_worker": warm, "ist_config": accelerator.ist_config.to_dict()}
     syncs = steps if args.method == "ddp" else steps // args.local_steps
     per_sync = ring_allreduce_bytes(model_params, world)
     return {"rounds": syncs, "bytes_sent_per_worker": per_sync * syncs, "bytes_received_per_worker": per_sync * syncs,

@@ -1,6 +1,7 @@
 """ISTAccelerator: an ordinary Accelerate loop (accumulation, clipping, scheduler, eval)
 becomes IST and matches the single-process reference computed by hand."""
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -18,11 +19,43 @@ from ist_accel.reference import ReferenceIST  # noqa: E402
 ROUNDS, LOCAL_STEPS, ACCUM = 3, 2, 2
 
 
-def reference(name, S, G, policy):
+def dense_warmup(model, world, steps):
+    """Data-parallel steps by hand, rounded as DDP rounds: each rank's gradient (ACCUM
+    micro-batches), divided by the world size, summed over ranks; clipped; SGD with momentum.
+    BatchNorm statistics are rank 0's (DDP broadcasts rank 0's buffers)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    params = list(model.parameters())
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    for t in range(steps):
+        start = [b.clone() for b in buffers]
+        grads, kept = [], None
+        for rank in range(world):
+            for b, v in zip(buffers, start):
+                b.copy_(v)
+            optimizer.zero_grad()
+            for k in range(ACCUM):
+                (loss_fn(model, batch_for(name_of(model), rank, 0, 90 + t * ACCUM + k)) / ACCUM).backward()
+            grads.append([p.grad / world for p in params])
+            kept = kept or [b.clone() for b in buffers]  # rank 0's
+        for b, v in zip(buffers, kept):
+            b.copy_(v)
+        for i, p in enumerate(params):
+            p.grad = functools.reduce(torch.add, [g[i] for g in grads])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+
+def name_of(model):
+    return "mlp" if isinstance(model, torch.nn.Sequential) else "resnet"
+
+
+def reference(name, S, G, policy, warmup=0):
     """The same rounds by hand: each optimizer step sums ACCUM micro-batch losses / ACCUM,
-    clips the (group-averaged) gradient to norm 1, and the lr halves every round."""
+    clips the (group-averaged) gradient to norm 1, and the lr halves every LOCAL_STEPS steps."""
     torch.set_num_threads(1)
     model = make_model(name)
+    if warmup:
+        dense_warmup(model, S * G, warmup)
     config = ISTConfig(num_subnets=S, group_size=G, local_steps=LOCAL_STEPS, optimizer_state=policy, seed=5)
     ref = ReferenceIST(decompose(model, config), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), policy)
     for opt, subnet in zip(ref.optimizers, ref.subnets):
@@ -33,7 +66,7 @@ def reference(name, S, G, policy):
 
     for r in range(ROUNDS):
         for opt in ref.optimizers:
-            opt.param_groups[0]["lr"] = 0.01 * 0.5**r
+            opt.param_groups[0]["lr"] = 0.01 * 0.5 ** (r + warmup // LOCAL_STEPS)
         steps = range(r * LOCAL_STEPS, (r + 1) * LOCAL_STEPS)
         batches = [[[[batch_for(name, s, g, t * ACCUM + k) for k in range(ACCUM)] for t in steps]
                      for g in range(G)] for s in range(S)]
@@ -43,19 +76,21 @@ def reference(name, S, G, policy):
     return model, logits
 
 
-CASES = [("resnet", 2, 1, "reset"), ("mlp", 2, 1, "carry"), ("resnet", 2, 2, "carry")]
+CASES = [("resnet", 2, 1, "reset", 0), ("mlp", 2, 1, "carry", 0), ("resnet", 2, 2, "carry", 0),
+         ("resnet", 2, 1, "reset", 2), ("mlp", 2, 2, "carry", 2)]
 
 
-@pytest.mark.parametrize("name,S,G,policy", CASES, ids=[f"{m}-S{s}xG{g}-{p}" for m, s, g, p in CASES])
-def test_accelerate_loop_matches_reference(tmp_path, name, S, G, policy):
+@pytest.mark.parametrize("name,S,G,policy,warmup", CASES,
+                         ids=[f"{m}-S{s}xG{g}-{p}" + (f"-warmup{w}" if w else "") for m, s, g, p, w in CASES])
+def test_accelerate_loop_matches_reference(tmp_path, name, S, G, policy, warmup):
     proc = torchrun("accel_worker.py", S * G, ["--model", name, "--num-subnets", str(S), "--group-size", str(G),
                                               "--policy", policy, "--rounds", str(ROUNDS), "--local-steps",
-                                              str(LOCAL_STEPS), "--accum", str(ACCUM), "--out", str(tmp_path)],
-                    env={"HF_HUB_OFFLINE": "1"})
+                                              str(LOCAL_STEPS), "--accum", str(ACCUM), "--warmup", str(warmup),
+                                              "--out", str(tmp_path)], env={"HF_HUB_OFFLINE": "1"})
     ranks = [tmp_path / f"rank{r}.json" for r in range(S * G)]
     assert all(p.exists() for p in ranks) and (tmp_path / "global.pt").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     got = torch.load(tmp_path / "global.pt")
-    expected, expected_logits = reference(name, S, G, policy)
+    expected, expected_logits = reference(name, S, G, policy, warmup)
     for key, value in expected.state_dict().items():
         if value.is_floating_point():
             torch.testing.assert_close(got["global"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
@@ -65,4 +100,5 @@ def test_accelerate_loop_matches_reference(tmp_path, name, S, G, policy):
     for r in map(json.loads, (p.read_text() for p in ranks)):
         # accumulation counts optimizer steps: ROUNDS rounds of LOCAL_STEPS steps, not micro-batches
         assert (r["rounds"], r["steps"]) == (ROUNDS, ROUNDS * LOCAL_STEPS)
-        assert r["lrs"] == pytest.approx([0.01 * 0.5 ** ((t + 1) // LOCAL_STEPS) for t in range(ROUNDS * LOCAL_STEPS)])
+        steps = warmup + ROUNDS * LOCAL_STEPS  # the scheduler runs on through the switch
+        assert r["lrs"] == pytest.approx([0.01 * 0.5 ** ((t + 1) // LOCAL_STEPS) for t in range(steps)])

@@ -44,14 +44,18 @@ def test_resist_imagenet_on_cifar10_jpegs_reaches_the_bar(tmp_path):
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("method", ["ist", "ddp", "localsgd"])
+@pytest.mark.parametrize("method", ["ist", "ist-warmup", "ddp", "localsgd"])
 def test_resist_imagenet_embedded_default_runs_every_method(tmp_path, method):
-    r = launch("resist_imagenet.py", ["--arch", "preact_resnet20", "--method", method, "--max-steps", "20",
-                                      "--local-steps", "5", "--batch-size", "32"], tmp_path)
-    assert r["method"] == method and r["steps"] == 20 and 0 <= r["final_accuracy"] <= 1
-    expected_syncs = {"ist": 4, "ddp": 20, "localsgd": 4}[method]
+    warmup = ["--dense-warmup-epochs", "0.01"] if method == "ist-warmup" else []  # 1.6 batches: one round, 5 steps
+    r = launch("resist_imagenet.py", ["--arch", "preact_resnet20", "--method", method.split("-")[0], "--max-steps",
+                                      "20", "--local-steps", "5", "--batch-size", "32", *warmup], tmp_path)
+    assert r["method"] == method.split("-")[0] and r["steps"] == 20 and 0 <= r["final_accuracy"] <= 1
+    expected_syncs = {"ist": 4, "ist-warmup": 3, "ddp": 20, "localsgd": 4}[method]
     assert r["rounds"] == expected_syncs
-    if method != "ist":  # the baselines all-reduce the whole model
+    if method == "ist-warmup":
+        assert r["dense_warmup_steps"] == 5
+        assert r["dense_warmup_bytes_per_worker"] == pytest.approx(5 * r["model_params"] * 4)
+    if method in ("ddp", "localsgd"):  # the baselines all-reduce the whole model
         assert r["bytes_sent_per_worker"] == pytest.approx(expected_syncs * r["model_params"] * 4)
 
 

@@ -24,12 +24,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=2)
     ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=0, help="data-parallel warm-up steps before IST")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                        optimizer_state=args.policy, seed=5)
-    accelerator = ISTAccelerator(config, cpu=True, gradient_accumulation_steps=args.accum)
+    accelerator = ISTAccelerator(config, cpu=True, gradient_accumulation_steps=args.accum,
+                                 dense_warmup_steps=args.warmup)
     world = accelerator.num_processes
     model = make_model(args.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -38,10 +40,16 @@ def main() -> None:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     s, g = divmod(accelerator.process_index, args.group_size)
     lrs = []
-    for t in range(args.rounds * args.local_steps):
+    for t in range(args.warmup + args.rounds * args.local_steps):
+        warm = t < args.warmup
+        assert accelerator.in_warmup == warm
         for k in range(args.accum):
             with accelerator.accumulate(model):
-                loss = loss_fn(model, batch_for(args.model, s, g, t * args.accum + k))
+                if warm:  # data parallel over all ranks: rank r's own batches
+                    batch = batch_for(args.model, accelerator.process_index, 0, 90 + t * args.accum + k)
+                else:
+                    batch = batch_for(args.model, s, g, (t - args.warmup) * args.accum + k)
+                loss = loss_fn(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), 1.0)
