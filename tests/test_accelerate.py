@@ -49,7 +49,7 @@ def name_of(model):
     return "mlp" if isinstance(model, torch.nn.Sequential) else "resnet"
 
 
-def reference(name, S, G, policy, warmup=0):
+def reference(name, S, G, policy, warmup=0, bf16=False):
     """The same rounds by hand: each optimizer step sums ACCUM micro-batch losses / ACCUM,
     clips the (group-averaged) gradient to norm 1, and the lr halves every LOCAL_STEPS steps."""
     torch.set_num_threads(1)
@@ -61,8 +61,13 @@ def reference(name, S, G, policy, warmup=0):
     for opt, subnet in zip(ref.optimizers, ref.subnets):
         opt.register_step_pre_hook(lambda o, a, k, subnet=subnet: [torch.nn.utils.clip_grad_norm_(subnet.parameters(), 1.0), None][1])
 
+    def forward(model, x):  # what mixed_precision="bf16" does: the forward autocast, outputs back to fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return model(x).float()
+
     def accumulated(model, micro_batches):
-        return sum(loss_fn(model, b) for b in micro_batches) / len(micro_batches)
+        losses = [torch.nn.functional.cross_entropy(forward(model, x), y) for x, y in micro_batches]
+        return sum(losses) / len(micro_batches)
 
     for r in range(ROUNDS):
         for opt in ref.optimizers:
@@ -72,25 +77,27 @@ def reference(name, S, G, policy, warmup=0):
                      for g in range(G)] for s in range(S)]
         ref.run_round(batches, accumulated)
     with ref.decomposition.eval_view(model) as view, torch.no_grad():
-        logits = view.eval()(torch.stack([x for x, _ in eval_items(name)]))
+        logits = forward(view.eval(), torch.stack([x for x, _ in eval_items(name)]))
     return model, logits
 
 
-CASES = [("resnet", 2, 1, "reset", 0), ("mlp", 2, 1, "carry", 0), ("resnet", 2, 2, "carry", 0),
-         ("resnet", 2, 1, "reset", 2), ("mlp", 2, 2, "carry", 2)]
+CASES = [("resnet", 2, 1, "reset", 0, False), ("mlp", 2, 1, "carry", 0, False), ("resnet", 2, 2, "carry", 0, False),
+         ("resnet", 2, 1, "reset", 2, False), ("mlp", 2, 2, "carry", 2, False), ("resnet", 2, 1, "carry", 0, True)]
 
 
-@pytest.mark.parametrize("name,S,G,policy,warmup", CASES,
-                         ids=[f"{m}-S{s}xG{g}-{p}" + (f"-warmup{w}" if w else "") for m, s, g, p, w in CASES])
-def test_accelerate_loop_matches_reference(tmp_path, name, S, G, policy, warmup):
+@pytest.mark.parametrize("name,S,G,policy,warmup,bf16", CASES,
+                         ids=[f"{m}-S{s}xG{g}-{p}" + (f"-warmup{w}" if w else "") + ("-bf16" if b else "")
+                              for m, s, g, p, w, b in CASES])
+def test_accelerate_loop_matches_reference(tmp_path, name, S, G, policy, warmup, bf16):
     proc = torchrun("accel_worker.py", S * G, ["--model", name, "--num-subnets", str(S), "--group-size", str(G),
                                               "--policy", policy, "--rounds", str(ROUNDS), "--local-steps",
                                               str(LOCAL_STEPS), "--accum", str(ACCUM), "--warmup", str(warmup),
-                                              "--out", str(tmp_path)], env={"HF_HUB_OFFLINE": "1"})
+                                              "--mixed-precision", "bf16" if bf16 else "no", "--out", str(tmp_path)],
+                    env={"HF_HUB_OFFLINE": "1"})
     ranks = [tmp_path / f"rank{r}.json" for r in range(S * G)]
     assert all(p.exists() for p in ranks) and (tmp_path / "global.pt").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     got = torch.load(tmp_path / "global.pt")
-    expected, expected_logits = reference(name, S, G, policy, warmup)
+    expected, expected_logits = reference(name, S, G, policy, warmup, bf16)
     for key, value in expected.state_dict().items():
         if value.is_floating_point():
             torch.testing.assert_close(got["global"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")

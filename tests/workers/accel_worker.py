@@ -25,13 +25,14 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=2)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=0, help="data-parallel warm-up steps before IST")
+    ap.add_argument("--mixed-precision", default="no")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                        optimizer_state=args.policy, seed=5)
     accelerator = ISTAccelerator(config, cpu=True, gradient_accumulation_steps=args.accum,
-                                 dense_warmup_steps=args.warmup)
+                                 dense_warmup_steps=args.warmup, mixed_precision=args.mixed_precision)
     world = accelerator.num_processes
     model = make_model(args.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
