@@ -311,7 +311,7 @@ class ISTAccelerator(Accelerator):
 
         model = self._pending[0]
         weights = folder / "model.safetensors"
-        state = load_file(weights, device=str(self.device)) if weights.is_file() else torch.load(
+        state = load_file(weights) if weights.is_file() else torch.load(
             folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         with self._hidden(models=True):

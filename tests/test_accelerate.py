@@ -109,3 +109,22 @@ def test_accelerate_loop_matches_reference(tmp_path, name, S, G, policy, warmup,
         assert (r["rounds"], r["steps"]) == (ROUNDS, ROUNDS * LOCAL_STEPS)
         steps = warmup + ROUNDS * LOCAL_STEPS  # the scheduler runs on through the switch
         assert r["lrs"] == pytest.approx([0.01 * 0.5 ** ((t + 1) // LOCAL_STEPS) for t in range(steps)])
+
+
+def test_bad_setups_fail_before_any_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    from ist_accel import ISTAccelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="world size 3 does not fit num_subnets=2 x group_size=1"):
+        ISTAccelerator(ISTConfig(num_subnets=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="dense_warmup_steps must be an integer >= 0, got -1"):
+        ISTAccelerator(ISTConfig(num_subnets=2), dense_warmup_steps=-1)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="DeepSpeed and FSDP plugins are not supported"):
+        ISTAccelerator(ISTConfig(num_subnets=2))
+    with pytest.raises(TypeError, match="ist_config must be an ist_accel.ISTConfig, got dict"):
+        ISTAccelerator({"num_subnets": 2})
+    assert not dist.is_initialized()

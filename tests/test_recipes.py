@@ -159,3 +159,47 @@ def test_every_launch_config_loads_with_accelerate():
     ds = load_config_from_file(str(ROOT / "launch_configs" / "deepspeed_zero2.yaml"))
     ds_json = ROOT / ds.deepspeed_config["deepspeed_config_file"]
     assert json.loads(ds_json.read_text())["zero_optimization"]["stage"] == 2
+
+
+def _tiny_image_datasetdict(path: Path) -> None:
+    """A `datasets` DatasetDict of 40x40 RGB images (Image + ClassLabel features), saved to disk."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["dark", "light"])})
+
+    def split(n):
+        labels = [i % 2 for i in range(n)]
+        images = [Image.fromarray((rng.integers(0, 120, (40, 40, 3)) + 120 * y).astype("uint8")) for y in labels]
+        return datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
+
+    datasets.DatasetDict({"train": split(256), "test": split(64)}).save_to_disk(str(path))
+
+
+def test_resist_imagenet_reads_a_datasets_image_set(tmp_path):
+    _tiny_image_datasetdict(tmp_path / "hf")
+    r = launch("resist_imagenet.py", ["--dataset-name", str(tmp_path / "hf"), "--arch", "preact_resnet20",
+                                      "--max-steps", "20", "--local-steps", "5", "--batch-size", "16",
+                                      "--lr", "0.05"], tmp_path / "out")
+    assert (r["steps"], r["rounds"]) == (20, 4)
+    assert r["final_accuracy"] >= 0.9, r  # dark vs light images: learnable in 20 steps
+
+
+def test_resume_inside_the_data_parallel_warmup(tmp_path):
+    """Checkpoint at step 5 of a 10-step data-parallel warm-up, stop at 7, resume: the run
+    switches to IST at step 10 and ends with the parameters of an uninterrupted run."""
+    common = ["--arch", "preact_resnet20", "--max-steps", "20", "--local-steps", "5", "--batch-size", "16",
+              "--dense-warmup-epochs", "0.025", "--checkpoint-every", "5", "--keep-checkpoints", "5"]
+    whole = launch("resist_imagenet.py", common, tmp_path / "whole")
+    assert whole["dense_warmup_steps"] == 10 and whole["rounds"] == 2
+    accelerate_launch(RECIPES / "resist_imagenet.py", 2, [*common, "--output-dir", str(tmp_path / "cut"),
+                                                          "--stop-after-steps", "7"])
+    assert (tmp_path / "cut" / "checkpoints" / "step_00000005" / "ist_warmup.json").exists()
+    resumed = launch("resist_imagenet.py", [*common, "--resume", "auto"], tmp_path / "cut")
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert resumed["final_accuracy"] == whole["final_accuracy"]
