@@ -12,7 +12,10 @@ from .decompose import (
     decompose,
     find_residual_stages,
 )
+from .checkpoint import CheckpointError
+from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTSyncError
 from .plan import Plan, make_plan
+from .preflight import check_setup
 from .reference import ReferenceIST
 from .round import IST, RoundMetrics
 
@@ -20,11 +23,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Assignment",
+    "CheckpointError",
     "Decomposition",
     "IST",
     "ISTAccelerator",
+    "ISTAgreementError",
     "ISTConfig",
+    "ISTError",
     "ISTModel",
+    "ISTNonFiniteError",
+    "ISTSyncError",
     "MLPDecomposition",
     "Piece",
     "Plan",
@@ -32,6 +40,7 @@ __all__ = [
     "ResidualDecomposition",
     "RoundMetrics",
     "RoundBytes",
+    "check_setup",
     "decompose",
     "find_residual_stages",
     "lower_bound",

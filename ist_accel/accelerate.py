@@ -22,11 +22,13 @@ only; IST moves subnets across groups at round ends.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,11 +36,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import checkpoint
 from .config import ISTConfig
+from .faults import inject
 from .round import IST, RoundMetrics
 from .tracking import assignment_image, round_log
 
@@ -131,7 +135,10 @@ class ISTAccelerator(Accelerator):
                 or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
             raise ValueError("ISTAccelerator runs subnets under DDP-style launches; DeepSpeed and FSDP plugins "
                              "are not supported by this integration yet")
-        super().__init__(*args, **kwargs)
+        handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+        if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):  # fail, not hang, on a dead peer
+            handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=ist_config.sync_timeout)))
+        super().__init__(*args, kwargs_handlers=handlers, **kwargs)
         if self.distributed_type not in SUPPORTED:
             raise ValueError(f"ISTAccelerator supports distributed types {[t.value for t in SUPPORTED]}, "
                              f"got {self.distributed_type.value}")
@@ -270,27 +277,53 @@ class ISTAccelerator(Accelerator):
     def save_state(self, output_dir: str | None = None, safe_serialization: bool = True, **kwargs: Any) -> str:
         """Accelerate's checkpoint (the gathered global model, schedulers, samplers, RNG
         states, grad scaler) plus, per rank, ``ist_rank<r>.pt``: round, step, subnet,
-        optimizer state and owner shards, which resume the run exactly."""
-        if self.ist is None:  # before prepare, or during the warm-up (plain data parallel)
-            location = super().save_state(output_dir, safe_serialization, **kwargs)
-            if self._pending is not None and self.is_main_process:
-                (Path(location) / WARMUP_STATE).write_text(json.dumps({"warmup_steps_done": self._warmup_done}))
-            self.wait_for_everyone()
-            return location
-        with self._hidden(optimizers=True):
-            location = super().save_state(output_dir, safe_serialization, **kwargs)
-        path = Path(location) / RANK_STATE.format(rank=self.process_index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        torch.save(self.ist.state_dict(), temporary)
-        os.replace(temporary, path)
+        optimizer state and owner shards, which resume the run exactly.
+
+        Atomic: written into ``<dir>.partial``, then ``MANIFEST.json`` (sizes and SHA-256 of
+        every file), then renamed to ``<dir>``; a crash midway leaves earlier checkpoints
+        as they were. Needs a folder all ranks see (a shared file system across nodes)."""
+        if self.ist_model is None:
+            return super().save_state(output_dir, safe_serialization, **kwargs)
+        final = Path(output_dir) if output_dir is not None else self._next_automatic_checkpoint()
+        partial = checkpoint.partial_path(final)
+        if self.is_main_process and partial.exists():
+            shutil.rmtree(partial)  # left by an earlier crash
         self.wait_for_everyone()
-        logger.info("IST: saved round %d (step %d) to %s", self.ist.round, self.ist.steps, location)
-        return location
+        automatic = self.project_configuration.automatic_checkpoint_naming
+        self.project_configuration.automatic_checkpoint_naming = False  # the folder is ours to name
+        try:
+            with self._hidden(optimizers=True):
+                super().save_state(str(partial), safe_serialization, **kwargs)
+        finally:
+            self.project_configuration.automatic_checkpoint_naming = automatic
+        partial.mkdir(parents=True, exist_ok=True)
+        if self.ist is None:  # inside the data-parallel warm-up
+            if self.is_main_process:
+                (partial / WARMUP_STATE).write_text(json.dumps({"warmup_steps_done": self._warmup_done}))
+            step, info = self._warmup_done, {"phase": "warmup"}
+        else:
+            torch.save(self.ist.state_dict(), partial / RANK_STATE.format(rank=self.process_index))
+            step, info = self.ist.steps, {"phase": "ist", "round": self.ist.round}
+        inject("save", self.process_index, step)
+        self.wait_for_everyone()
+        if self.is_main_process:
+            checkpoint.write_manifest(partial, {**info, "step": step, "world_size": self.num_processes})
+            checkpoint.publish(partial, final)
+            if automatic:
+                self._prune_automatic_checkpoints()
+        self.wait_for_everyone()
+        logger.info("IST: saved %s (step %d) to %s", info["phase"], step, final)
+        return str(final)
 
     def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
         """Resume from :meth:`save_state`: the same config and world size are required."""
+        if self.ist_model is None:
+            return super().load_state(input_dir, **kwargs)
         folder = Path(input_dir) if input_dir is not None else self._latest_checkpoint()
+        manifest = checkpoint.verify(folder)  # before anything is loaded
+        if manifest.get("world_size") != self.num_processes:
+            raise checkpoint.CheckpointError(f"{folder} was written by {manifest.get('world_size')} processes, "
+                                             f"this run has {self.num_processes}")
         path = folder / RANK_STATE.format(rank=self.process_index)
         if self.ist is None and self._pending is not None:
             if not path.is_file():  # a checkpoint from inside the warm-up
@@ -318,12 +351,27 @@ class ISTAccelerator(Accelerator):
             super().load_state(str(folder), **kwargs)
         self._warmup_done = json.loads((folder / WARMUP_STATE).read_text())["warmup_steps_done"]
 
-    def _latest_checkpoint(self) -> Path:
+    def _automatic_checkpoints(self) -> list[Path]:
         folder = Path(self.project_dir or ".") / "checkpoints"
-        found = sorted((p for p in folder.glob("checkpoint_*") if re.fullmatch(r"checkpoint_\d+", p.name)),
-                       key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
+        found = [p for p in folder.glob("checkpoint_*") if re.fullmatch(r"checkpoint_\d+", p.name)]
+        return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+    def _next_automatic_checkpoint(self) -> Path:
+        if not self.project_configuration.automatic_checkpoint_naming:
+            raise ValueError("save_state needs output_dir (or ProjectConfiguration(automatic_checkpoint_naming=True))")
+        return Path(self.project_dir or ".") / "checkpoints" / f"checkpoint_{self.save_iteration}"
+
+    def _prune_automatic_checkpoints(self) -> None:
+        limit = self.project_configuration.total_limit
+        found = self._automatic_checkpoints()
+        for old in found[: -limit] if limit else []:
+            shutil.rmtree(old)
+
+    def _latest_checkpoint(self) -> Path:
+        found = [p for p in self._automatic_checkpoints() if checkpoint.is_complete(p)]
         if not found:
-            raise FileNotFoundError(f"no checkpoint_<n> folder in {folder}; pass input_dir")
+            raise FileNotFoundError(f"no complete checkpoint_<n> folder in {Path(self.project_dir or '.')}/checkpoints; "
+                                    "pass input_dir")
         return found[-1]
 
     @contextlib.contextmanager

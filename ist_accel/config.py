@@ -40,7 +40,11 @@ class ISTConfig:
         eval_scaling: scale partitioned units in the evaluation view (ResIST: the
             residual branch by ``max(1/S, m/N)``; IST: inputs of cut layers by ``1/S``).
         wire_dtype: dtype on the wire for the exchange; master values stay fp32.
-        nonfinite: what to do with a subnet whose update holds NaN/Inf at sync.
+        nonfinite: a subnet whose update holds NaN/Inf at sync: ``"raise"`` on every
+            rank, or ``"skip"`` (drop that group's update of the round, warn; keeps a copy
+            of the round's starting subnet).
+        sync_timeout: seconds a collective may wait for a peer before the run fails
+            (process groups created by the engine; ISTAccelerator also sets Accelerate's).
     """
 
     num_subnets: int = 2
@@ -54,6 +58,7 @@ class ISTConfig:
     eval_scaling: bool = True
     wire_dtype: str = "fp32"
     nonfinite: str = "raise"
+    sync_timeout: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,6 +75,9 @@ class ISTConfig:
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
         _check_choice("wire_dtype", self.wire_dtype, WIRE_DTYPES)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if isinstance(self.sync_timeout, bool) or not isinstance(self.sync_timeout, (int, float)) \
+                or not self.sync_timeout > 0:
+            raise ValueError(f"sync_timeout must be a number of seconds > 0, got {self.sync_timeout!r}")
         if not isinstance(self.eval_scaling, bool):
             raise ValueError(f"eval_scaling must be True or False, got {self.eval_scaling!r}")
         if not isinstance(self.stages, str) or not self.stages.strip():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +27,8 @@ from .accounting import tensor_bound
 from .config import ISTConfig
 from .decompose import Assignment, Piece, decompose, load_subnet, state_tensors
 from .exchange import CommStats, Exchange, Field, _positions
+from .preflight import check_setup
+from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTSyncError, inject
 from .reference import optimizer_state_by_name
 
 logger = logging.getLogger(__name__)
@@ -88,17 +92,18 @@ class IST:
         config.validate()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("IST needs torch.distributed initialized (torchrun / init_process_group)")
-        config.check_world_size(dist.get_world_size())
         self.config = config
-        self.decomposition = decompose(model, config, example_input)  # validates model vs config
+        # config, world size and model checked together before any group of ours exists
+        self.decomposition = check_setup(model, config, dist.get_world_size(), example_input)
         S, G = config.num_subnets, config.group_size
         self.rank = dist.get_rank()
         self.group_index, self.replica = divmod(self.rank, G)
         self.is_leader = self.replica == 0
         # every process group is created here, once: the ranks of each subnet group (fast
         # links) and, per replica index, that replica across the groups (slow links)
-        groups = [dist.new_group(list(range(s * G, (s + 1) * G))) for s in range(S)] if G > 1 else []
-        stripes = [dist.new_group([s * G + g for s in range(S)]) for g in range(G)] if G > 1 else []
+        timeout = datetime.timedelta(seconds=config.sync_timeout)
+        groups = [dist.new_group(list(range(s * G, (s + 1) * G)), timeout=timeout) for s in range(S)] if G > 1 else []
+        stripes = [dist.new_group([s * G + g for s in range(S)], timeout=timeout) for g in range(G)] if G > 1 else []
         self.intra = groups[self.group_index] if G > 1 else None
         self.model_global = model
         self.global_shapes = {n: (t.shape, t.dtype) for n, t in state_tensors(model).items()}
@@ -122,6 +127,9 @@ class IST:
         self.steps = 0
         self.round = 0
         self.totals = Totals()
+        blob = repr(sorted((n, tuple(sh), str(dt)) for n, (sh, dt) in self.global_shapes.items()))
+        self._model_hash = int(hashlib.sha256(blob.encode()).hexdigest()[:12], 16)
+        self._take_snapshot()
         self._round_started = time.perf_counter()
         if free_global:
             self.release_global()
@@ -134,9 +142,27 @@ class IST:
         return self.subnet
 
     def sync(self) -> RoundMetrics:
-        """End the round now: average over holders and dispatch the next assignment."""
+        """End the round now: average over holders and dispatch the next assignment.
+
+        First, one small all-reduce checks that every rank is at the same round and step
+        with the same config, assignment and model, and that no subnet went non-finite
+        (policy ``nonfinite``). A failing collective raises :class:`ISTSyncError`."""
+        try:
+            return self._sync()
+        except ISTError:
+            raise
+        except Exception as error:
+            if not _is_communication_error(error):
+                raise
+            raise ISTSyncError(
+                f"round {self.round} (step {self.steps}) failed on rank {self.rank}: {error}. A peer process "
+                "probably died or stalled past the process-group timeout; restart from the last checkpoint"
+            ) from error
+
+    def _sync(self) -> RoundMetrics:
         compute = time.perf_counter() - self._round_started
         start = time.perf_counter()
+        self._check_round()
         following = self.decomposition.assignment(self.round + 1)
         stats = CommStats()
         if self.intra is not None:
@@ -145,6 +171,7 @@ class IST:
         staged: dict[str, torch.Tensor] = {}
         self._read_cache = (self._local, self._params)
         stats.add(self.exchange.run(fields, self._read, staged.__setitem__, self.round))
+        inject("sync", self.rank, self.steps)
         next_pieces = self.decomposition.pieces(following, self.group_index)
         self._apply(staged, next_pieces)
         if self.config.optimizer_state == "reset":
@@ -165,10 +192,80 @@ class IST:
         t.compute_seconds += compute
         t.rounds += 1
         t.history.append(metrics)
+        self._take_snapshot()
         for callback in self.on_sync:
             callback(metrics)
         self._round_started = time.perf_counter()
         return metrics
+
+    # ---- rank agreement and numerical faults (checked at every sync) ------------
+
+    def _agreement_fields(self) -> dict[str, int]:
+        return {
+            "round": self.round,
+            "step": self.steps,
+            "world size": dist.get_world_size(),
+            "config": int(self.config.fingerprint()[:12], 16),
+            "assignment": int(self.assignment.digest()[:12], 16),
+            "model": self._model_hash,
+        }
+
+    def _check_round(self) -> None:
+        """One all-reduce of a few integers: max and min of every agreement field, and a
+        per-group flag for non-finite subnets. Every rank sees the same result, so every
+        rank raises (or skips) alike."""
+        fields = self._agreement_fields()
+        S = self.config.num_subnets
+        mine = torch.tensor(list(fields.values()), dtype=torch.int64)
+        bad = torch.zeros(S, dtype=torch.int64)
+        bad[self.group_index] = int(not self._finite())
+        payload = torch.cat([mine, -mine, bad]).to(self.device)
+        dist.all_reduce(payload, op=dist.ReduceOp.MAX)
+        payload = payload.cpu()
+        k = len(fields)
+        for (name, _), high, low in zip(fields.items(), payload[:k].tolist(), (-payload[k : 2 * k]).tolist()):
+            if high != low:
+                raise ISTAgreementError(
+                    f"ranks disagree on the {name} at sync (rank {self.rank} has {fields[name]}, others range "
+                    f"{low}..{high}): every rank must run the same config, seed, model and step count")
+        groups = payload[2 * k :].nonzero().flatten().tolist()
+        if not groups:
+            return
+        where = f"round {self.round} (step {self.steps}): subnet group(s) {groups} hold NaN/Inf"
+        if self.config.nonfinite == "raise":
+            raise ISTNonFiniteError(f"{where}; nothing was averaged (nonfinite='raise'; 'skip' drops such updates)")
+        logger.warning("%s; their updates of this round are dropped (nonfinite='skip')", where)
+        if self.group_index in groups:
+            self._restore_snapshot()
+
+    def _finite(self) -> bool:
+        tensors = list(self._local.values())
+        if self.config.optimizer_state == "carry":
+            tensors += [v for st in self.optimizer.state.values() for v in st.values()
+                        if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+    def _take_snapshot(self) -> None:
+        """Policy ``skip`` keeps the round's starting values (a subnet's worth of memory)."""
+        if self.config.nonfinite != "skip":
+            return
+        self._snapshot = (
+            {n: t.detach().clone() for n, t in self._local.items()},
+            {n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for n, st in _state_by_name(self.optimizer, self.subnet).items()},
+        )
+
+    def _restore_snapshot(self) -> None:
+        """Drop this group's update of the round: back to the values it started with."""
+        tensors, state = self._snapshot
+        with torch.no_grad():
+            for name, value in tensors.items():
+                self._local[name].copy_(value)
+        params = self._params
+        self.optimizer.state.clear()
+        for name, st in state.items():
+            self.optimizer.state[params[name]] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                  for k, v in st.items()}
 
     @property
     def _local(self) -> dict[str, torch.Tensor]:
@@ -233,6 +330,7 @@ class IST:
         totals = dict(state["totals"])
         totals["history"] = [RoundMetrics(**m) for m in totals["history"]]
         self.totals = Totals(**totals)
+        self._take_snapshot()
         self._round_started = time.perf_counter()
 
     def gather_global(self, dst: int | None = 0) -> nn.Module | None:
@@ -355,6 +453,7 @@ class IST:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.steps += 1
+        inject("step", self.rank, self.steps, self._local.values())
         if self.steps % self.config.local_steps == 0:
             self.sync()
 
@@ -505,6 +604,19 @@ class IST:
         esize = torch.tensor([], dtype=self.exchange.wire).element_size()
         total = sum(float(tensor_bound(f.shape, f.now, f.next, S)[0][me]) for f in fields)
         return total * esize / self.config.group_size
+
+
+def _state_by_name(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, dict[str, Any]]:
+    names = {p: n for n, p in module.named_parameters()}
+    return {names[p]: st for p, st in optimizer.state.items() if p in names}
+
+
+def _is_communication_error(error: Exception) -> bool:
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "peer"))
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

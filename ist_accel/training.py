@@ -25,8 +25,10 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import checkpoint
 from .accelerate import ISTAccelerator
 from .accounting import ring_allreduce_bytes
+from .preflight import check_setup
 from .config import DECOMPOSITIONS, OPTIMIZER_STATE_POLICIES, WIRE_DTYPES, ISTConfig
 
 logger = logging.getLogger(__name__)
@@ -111,7 +113,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"world size {world} is not a multiple of --group-size {args.group_size}")
         if args.num_subnets is None:
             args.num_subnets = world // args.group_size
-        ist_config(args).check_world_size(world)
+        try:
+            ist_config(args).check_world_size(world)
+        except ValueError as error:
+            raise SystemExit(f"bad IST setting: {error}") from None
 
 
 def ist_config(args: argparse.Namespace) -> ISTConfig:
@@ -124,6 +129,15 @@ def ist_config(args: argparse.Namespace) -> ISTConfig:
         )
     except ValueError as error:
         raise SystemExit(f"bad IST setting: {error}") from None
+
+
+def preflight(args: argparse.Namespace, model: nn.Module, example_input: torch.Tensor | None = None) -> None:
+    """The model against the IST settings, before any process group or file exists."""
+    if args.method == "ist":
+        try:
+            check_setup(model, ist_config(args), int(os.environ.get("WORLD_SIZE", "1")), example_input)
+        except ValueError as error:
+            raise SystemExit(f"bad IST setting for this model: {error}") from None
 
 
 def make_accelerator(
@@ -199,6 +213,7 @@ def train_classifier(
 ) -> dict[str, Any] | None:
     """Train and evaluate; returns the results (also written to ``OUTPUT_DIR/results.json``
     on the main process), or ``None`` when ``--stop-after-steps`` cut the run short."""
+    preflight(args, model, example_input)
     accelerator = make_accelerator(args, example_input, trackers)
     set_seed(args.seed)
     output = Path(args.output_dir)
@@ -335,7 +350,7 @@ def _checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int) -
     root = _checkpoint_root(Path(args.output_dir))
     accelerator.save_state(str(root / f"step_{step:08d}"))
     if accelerator.is_main_process and args.keep_checkpoints > 0:
-        for old in sorted(root.glob("step_*"))[: -args.keep_checkpoints]:
+        for old in _complete_checkpoints(root)[: -args.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -344,11 +359,17 @@ def _resume(accelerator: Accelerator, args: argparse.Namespace, output: Path) ->
     if args.resume != "auto":
         accelerator.load_state(args.resume)
         return
-    found = sorted(_checkpoint_root(output).glob("step_*"))
+    found = _complete_checkpoints(_checkpoint_root(output))
     if not found:
-        logger.info("--resume auto: no checkpoint in %s, starting fresh", _checkpoint_root(output))
+        logger.info("--resume auto: no complete checkpoint in %s, starting fresh", _checkpoint_root(output))
         return
+    logger.info("--resume auto: resuming from %s", found[-1])
     accelerator.load_state(str(found[-1]))
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """``step_*`` folders with a manifest, oldest first (an interrupted save has none)."""
+    return sorted(p for p in root.glob("step_*") if checkpoint.is_complete(p))
 
 
 def setup_logging() -> None:
@@ -370,4 +391,4 @@ def finish(code: int = 0) -> None:
 
 
 __all__ = ["METHODS", "Progress", "add_training_args", "check_args", "evaluate", "finish", "ist_config",
-           "lr_lambda", "make_accelerator", "setup_logging", "train_classifier"]
+           "lr_lambda", "make_accelerator", "preflight", "setup_logging", "train_classifier"]
