@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
-from common import batch_for, eval_items, loss_fn, make_model  # noqa: E402
+from common import batch_for, eval_items, loss_fn, make_model, score  # noqa: E402
 from launch import torchrun  # noqa: E402
 
 from ist_accel import ISTConfig, decompose  # noqa: E402
@@ -39,9 +39,8 @@ def _reference(model_name, S, G, policy, rounds, local_steps):
 
 def reference_accuracy(model, decomposition, items):
     with decomposition.eval_view(model) as view, torch.no_grad():
-        x = torch.stack([i[0] for i in items])
-        y = torch.stack([i[1] for i in items])
-        return (view(x).argmax(-1) == y).sum().item() / len(y)
+        correct, count = score(view, (torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])))
+        return correct / count
 
 
 def run(tmp_path, model, S, G=1, policy="reset", rounds=3, local_steps=2, extra=()):
@@ -61,6 +60,7 @@ CASES = [
     ("resnet", 2, 2, "reset"), ("resnet", 2, 2, "carry"),
     ("mlp", 2, 1, "reset"), ("mlp", 2, 1, "carry"), ("mlp", 4, 1, "reset"), ("mlp", 4, 1, "carry"),
     ("mlp", 2, 2, "carry"),
+    ("gpt2", 2, 1, "carry"), ("gpt2", 2, 2, "reset"),
 ]
 
 

@@ -32,7 +32,7 @@ def expected_error(S, G, local, m, decomposition, stages, wire, world, model) ->
                             ("group_size", G, 1)):
         if not is_int(value, lo):
             return name
-    if decomposition not in ("auto", "resist", "ist_mlp"):
+    if decomposition not in ("auto", "resist", "ist_mlp", "layers"):
         return "decomposition"
     if wire not in ("fp32", "bf16", "fp16"):
         return "wire_dtype"
@@ -44,11 +44,13 @@ def expected_error(S, G, local, m, decomposition, stages, wire, world, model) ->
         return "world size"
     kind = decomposition if decomposition != "auto" else ("ist_mlp" if model == "mlp" else "resist")
     if model == "mlp":
-        if kind == "resist":
-            return "residual"
+        if kind in ("resist", "layers"):
+            return "residual" if kind == "resist" else "not a transformers model"
         return None if MLP_WIDTH % S == 0 else "width"
     if kind == "ist_mlp":
         return "Linear"
+    if kind == "layers":
+        return "not a transformers model"
     sizes = STAGES[stages]
     if sizes is None:
         return "stage"
@@ -60,10 +62,10 @@ def expected_error(S, G, local, m, decomposition, stages, wire, world, model) ->
 
 
 PLAUSIBLE = {"S": [1, 2, 3, 4, 8], "G": [1, 2], "local": [1, 5, 50], "m": [0, 0, 1, 2, 3],
-             "decomposition": ["auto", "resist", "ist_mlp"], "stages": [*STAGES, "longest"],
+             "decomposition": ["auto", "resist", "ist_mlp", "layers"], "stages": [*STAGES, "longest"],
              "wire": ["fp32", "bf16", "fp16"]}
 BAD = {"S": [0, -1, True, 2.0, "2", None], "G": [0, -2, True, 1.0], "local": [0, -3, 2.5, True, "5"],
-       "m": [-1, "1", False, 1.5], "decomposition": ["layers", 3, None], "stages": ["", 7, None],
+       "m": [-1, "1", False, 1.5], "decomposition": ["blocks", 3, None], "stages": ["", 7, None],
        "wire": ["fp8", "float32", 16], "world": [-1, 0, 3, 7, 2.5, "2"]}
 
 

@@ -112,8 +112,8 @@ def kill_runs() -> list[tuple[int, int, str]]:
     """(rank, step, point) kill points: a reduced count in CI; IST_KILL_RUNS=24 for the full drill."""
     rng = random.Random(2107)
     points = []
-    for _ in range(int(os.environ.get("IST_KILL_RUNS", "3"))):
-        point = rng.choice(["step", "step", "sync", "save"])
+    for i in range(int(os.environ.get("IST_KILL_RUNS", "3"))):
+        point = ("step", "sync", "save")[i % 3]  # mid-round, inside the exchange, half-way through a save
         step = rng.randrange(5, 40, 5) if point != "step" else rng.randrange(1, 40)
         points.append((rng.randrange(2), step, point))
     return points

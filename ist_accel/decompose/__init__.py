@@ -13,6 +13,7 @@ from ..config import ISTConfig
 from .base import Assignment, Decomposition, Piece, average_into_global, load_subnet, state_tensors
 from .mlp import MLPDecomposition, find_mlp_layers
 from .residual import ResidualDecomposition, ResidualStage, find_residual_stages
+from .transformer import TransformerLayerDecomposition, find_layer_stacks, is_transformer
 from .sampling import blocks_per_subnet, deal_blocks, split_neurons
 
 
@@ -21,15 +22,23 @@ def decompose(
 ) -> Decomposition:
     """Build the decomposition ``config.decomposition`` names for ``model``.
 
-    ``"auto"`` picks IST's neuron split for a chain of Linear layers and ResIST otherwise.
+    ``"auto"`` picks the layer-wise split for a `transformers` model, IST's neuron split
+    for a chain of Linear layers, and ResIST otherwise.
     """
     kind = config.decomposition
+    if kind == "auto" and is_transformer(model):
+        kind = "layers"
     if kind == "auto":
         try:
             find_mlp_layers(model, example_input)
             kind = "ist_mlp"
         except ValueError:
             kind = "resist"
+    if kind == "layers":
+        return TransformerLayerDecomposition(
+            model, config.num_subnets, min_blocks=config.min_blocks, stages=config.stages, seed=config.seed,
+            eval_scaling=config.eval_scaling,
+        )
     if kind == "ist_mlp":
         return MLPDecomposition(
             model, config.num_subnets, seed=config.seed, eval_scaling=config.eval_scaling,
@@ -43,6 +52,6 @@ def decompose(
 
 __all__ = [
     "Assignment", "Decomposition", "MLPDecomposition", "Piece", "ResidualDecomposition",
-    "ResidualStage", "average_into_global", "blocks_per_subnet", "deal_blocks", "decompose",
+    "ResidualStage", "TransformerLayerDecomposition", "average_into_global", "find_layer_stacks", "is_transformer", "blocks_per_subnet", "deal_blocks", "decompose",
     "find_mlp_layers", "find_residual_stages", "load_subnet", "split_neurons", "state_tensors",
 ]

@@ -28,7 +28,8 @@ class ResidualStage:
     """Blocks ``start .. stop-1`` of container ``path`` are interchangeable residual blocks.
 
     ``branch`` is the block-relative name of the module whose output is the residual
-    branch (scaled in the evaluation view).
+    branch (scaled in the evaluation view); several, comma-separated, for blocks with
+    more than one branch (a transformer layer's attention and MLP).
     """
 
     path: str
@@ -182,7 +183,7 @@ class ResidualDecomposition(Decomposition):
         num_subnets: int,
         *,
         min_blocks: int = 0,
-        stages: str = "longest",
+        stages: str | list[ResidualStage] = "longest",
         seed: int = 0,
         eval_scaling: bool = True,
         example_input: torch.Tensor | None = None,
@@ -195,7 +196,10 @@ class ResidualDecomposition(Decomposition):
         self.min_blocks = min_blocks
         self.seed = seed
         self.eval_scaling = eval_scaling
-        self.stages = select_stages(model, find_residual_stages(model, example_input), stages)
+        if isinstance(stages, str):
+            self.stages = select_stages(model, find_residual_stages(model, example_input), stages)
+        else:  # chosen by the caller (e.g. a transformer's layer list, from its structure)
+            self.stages = list(stages)
         for st in self.stages:
             n = st.num_blocks
             if min_blocks > n:
@@ -290,7 +294,8 @@ class ResidualDecomposition(Decomposition):
             for st in self.stages:
                 factor = self.eval_scale(st)
                 for position in range(st.start, st.stop):
-                    hooks.append((model.get_submodule(f"{st.block_name(position)}.{st.branch}"), factor, "out"))
+                    for branch in st.branch.split(","):  # a transformer layer has two residual branches
+                        hooks.append((model.get_submodule(f"{st.block_name(position)}.{branch}"), factor, "out"))
         was_training = model.training
         model.eval()
         try:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import batch_for, eval_items, make_model, loss_fn  # noqa: E402
+from common import batch_for, eval_items, make_model, loss_fn, score  # noqa: E402
 
 from ist_accel import ISTConfig  # noqa: E402
 from ist_accel.round import IST  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
         ist.optimizer.step()
         ist.optimizer.zero_grad(set_to_none=True)
     history = [vars(m) for m in ist.totals.history]
-    accuracy = ist.evaluate(eval_items(args.model), batch_size=7)
+    accuracy = ist.evaluate(eval_items(args.model), batch_size=7, score=score)
     resident_after_eval = ist.resident_elements()
     model = ist.gather_global(dst=0)
     if ist.rank == 0:
