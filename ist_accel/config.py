@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-DECOMPOSITIONS = ("auto", "resist", "ist_mlp", "layers")
+DECOMPOSITIONS = ("auto", "resist", "ist_mlp", "layers", "ffn", "heads")
 OPTIMIZER_STATE_POLICIES = ("reset", "carry")
 WIRE_DTYPES = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -30,7 +30,8 @@ class ISTConfig:
             Where ``S * m`` exceeds the stage's blocks, blocks repeat across subnets.
         decomposition: ``"resist"`` (residual blocks, arXiv 2107.00961),
             ``"ist_mlp"`` (hidden neurons, arXiv 1910.02120), ``"layers"`` (ResIST over a
-            `transformers` model's layer list) or ``"auto"``.
+            `transformers` model's layer list), ``"ffn"`` / ``"heads"`` (IST over every
+            layer's FFN neurons / attention heads) or ``"auto"``.
         stages: ResIST stages to partition: ``"longest"`` (the paper: the longest
             stage without its first block), ``"all"``, or an explicit override such
             as ``"layer3"`` or ``"layer2:1-3,layer3:1-22"`` (container path, block range).

@@ -138,3 +138,103 @@ def test_explicit_layer_ranges_and_clear_errors():
         decompose(model, ISTConfig(num_subnets=5))
     with pytest.raises(ValueError, match="is not a transformers model"):
         decompose(nn.Sequential(nn.Linear(4, 4)), ISTConfig(num_subnets=2, decomposition="layers"))
+
+
+# ---- width-wise: FFN neurons and attention heads ------------------------------------------------------------
+
+WIDTH_OUT = {  # per family: (FFN output projection, attention output projection, layer list)
+    "gpt2": ("mlp.c_proj", "attn.c_proj", "transformer.h"),
+    "bert": ("output.dense", "attention.output.dense", "bert.encoder.layer"),
+    "llama": ("mlp.down_proj", "self_attn.o_proj", "model.layers"),
+    "qwen2": ("mlp.down_proj", "self_attn.o_proj", "model.layers"),
+}
+
+
+def zero_unheld(model, d, units, held):
+    """The global model with the neurons / heads a subnet does not hold silenced: their
+    columns of the output projection zeroed (the other parts of the layer are unchanged)."""
+    reference = copy.deepcopy(model)
+    ffn_out, attn_out, stack = WIDTH_OUT[name_of(model)]
+    head_dim = d.head_dim
+    with torch.no_grad():
+        for i in range(len(reference.get_submodule(stack))):
+            out = reference.get_submodule(f"{stack}.{i}.{ffn_out if units == 'ffn' else attn_out}")
+            width = out.weight.shape[0] if type(out).__name__ == "Conv1D" else out.weight.shape[1]
+            keep = torch.zeros(width, dtype=torch.bool)
+            kept = held[f"{stack}.{i}.{units}"]
+            if units == "ffn":
+                keep[list(kept)] = True
+            else:
+                group = d.num_heads // d.num_kv_heads
+                for kv in kept:
+                    keep[kv * group * head_dim:(kv + 1) * group * head_dim] = True
+            if type(out).__name__ == "Conv1D":
+                out.weight[~keep] = 0
+            else:
+                out.weight[:, ~keep] = 0
+    return reference
+
+
+def name_of(model):
+    return {"GPT2LMHeadModel": "gpt2", "BertForMaskedLM": "bert", "LlamaForCausalLM": "llama",
+            "Qwen2ForCausalLM": "qwen2"}[type(model).__name__]
+
+
+@pytest.mark.parametrize("name", sorted(WIDTH_OUT))
+@pytest.mark.parametrize("units", ["ffn", "heads"])
+def test_width_subnet_is_the_model_with_unheld_neurons_or_heads_silenced(name, units):
+    model = tiny(name).eval()
+    d = decompose(model, ISTConfig(num_subnets=2, decomposition=units, seed=4))
+    a = d.assignment(1)
+    assert sorted(a.units[0][next(iter(d.groups))] + a.units[1][next(iter(d.groups))]) == list(
+        range(d.groups[next(iter(d.groups))]))  # disjoint and complete
+    for s in range(2):
+        sub = d.build_subnet(s).eval()
+        load_subnet(sub, state_tensors(model), d.pieces(a, s))
+        torch.testing.assert_close(logits(sub), logits(zero_unheld(model, d, units, a.units[s])), rtol=1e-5,
+                                   atol=1e-5)
+    share = sum(p.numel() for p in sub.parameters()) / sum(p.numel() for p in model.parameters())
+    assert share < 0.95
+
+
+def test_grouped_query_attention_keeps_query_groups_with_their_kv_heads():
+    model = tiny("llama").eval()  # 4 query heads, 2 key/value heads: groups of 2
+    d = decompose(model, ISTConfig(num_subnets=2, decomposition="heads"))
+    sub = d.build_subnet(0)
+    attention = sub.model.layers[0].self_attn
+    assert (attention.q_proj.out_features, attention.k_proj.out_features, attention.o_proj.in_features) == (16, 8, 16)
+    with pytest.raises(ValueError, match="number of key/value heads 2 is not divisible by num_subnets=4"):
+        decompose(model, ISTConfig(num_subnets=4, decomposition="heads"))
+    with pytest.raises(ValueError, match="FFN width 64 is not divisible by num_subnets=3"):
+        decompose(model, ISTConfig(num_subnets=3, decomposition="ffn"))
+
+
+@pytest.mark.parametrize("units", ["ffn", "heads"])
+def test_width_subnet_flops_shrink_the_cut_branch(units):
+    model = tiny("llama").eval()
+    d = decompose(model, ISTConfig(num_subnets=2, decomposition=units))
+    sub = d.build_subnet(0).eval()
+    load_subnet(sub, state_tensors(model), d.pieces(d.assignment(0), 0))
+
+    def flops(m):
+        with FlopCounterMode(display=False) as counter:
+            logits(m)
+        return counter.get_total_flops(), counter.get_flop_counts()
+
+    total, per_module = flops(model)
+    branch = "mlp" if units == "ffn" else "self_attn"
+    cut = sum(sum(per_module[f"LlamaForCausalLM.model.layers.{i}.{branch}"].values()) for i in range(6))
+    measured, _ = flops(sub)
+    assert measured == pytest.approx(total - cut / 2, rel=0.05)
+
+
+def test_width_eval_view_scales_cut_output_projections_by_one_over_s():
+    model = tiny("gpt2").eval()
+    d = decompose(model, ISTConfig(num_subnets=2, decomposition="ffn"))
+    handles = [model.get_submodule(f"transformer.h.{i}.mlp.c_proj").register_forward_pre_hook(
+        lambda m, inp: (inp[0] * 0.5,)) for i in range(6)]
+    by_hand = logits(model)
+    for h in handles:
+        h.remove()
+    with d.eval_view(model) as view:
+        torch.testing.assert_close(logits(view), by_hand)

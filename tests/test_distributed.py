@@ -16,20 +16,21 @@ from ist_accel import ISTConfig, decompose  # noqa: E402
 from ist_accel.reference import ReferenceIST  # noqa: E402
 
 
-def reference(model_name, S, G, policy, rounds, local_steps):
+def reference(model_name, S, G, policy, rounds, local_steps, decomposition="auto"):
     """The same rounds in one process. Single-threaded like the workers: conv backward with
     another thread count sums in another order (~1e-5 apart after a round of tiny batches)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _reference(model_name, S, G, policy, rounds, local_steps)
+        return _reference(model_name, S, G, policy, rounds, local_steps, decomposition)
     finally:
         torch.set_num_threads(threads)
 
 
-def _reference(model_name, S, G, policy, rounds, local_steps):
+def _reference(model_name, S, G, policy, rounds, local_steps, decomposition="auto"):
     model = make_model(model_name)
-    config = ISTConfig(num_subnets=S, group_size=G, local_steps=local_steps, optimizer_state=policy, seed=5)
+    config = ISTConfig(num_subnets=S, group_size=G, local_steps=local_steps, optimizer_state=policy, seed=5,
+                       decomposition=decomposition)
     ref = ReferenceIST(decompose(model, config), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), policy)
     for r in range(rounds):
         steps = range(r * local_steps, (r + 1) * local_steps)
@@ -77,6 +78,19 @@ def test_matches_single_process_reference(tmp_path, model, S, G, policy):
     accuracy = reference_accuracy(ref_model, ref_decomposition, eval_items(model))
     assert all(r["accuracy"] == pytest.approx(accuracy, abs=1e-9) for r in ranks)
     assert all(r["resident_after_eval"] <= r["resident_peak"] for r in ranks)  # storage dropped again
+
+
+@pytest.mark.parametrize("decomposition,G", [("ffn", 1), ("heads", 1), ("heads", 2)])
+def test_transformer_width_decompositions_match_reference(tmp_path, decomposition, G):
+    """IST over a tiny GPT-2's FFN neurons or attention heads, through the distributed engine."""
+    got, ranks = run(tmp_path, "gpt2", 2, G, "carry", extra=["--decomposition", decomposition])
+    ref_model, ref_decomposition = reference("gpt2", 2, G, "carry", 3, 2, decomposition)
+    for name, value in ref_model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    accuracy = reference_accuracy(ref_model, ref_decomposition, eval_items("gpt2"))
+    assert all(r["accuracy"] == pytest.approx(accuracy, abs=1e-9) for r in ranks)
+    assert all(r["history"][-1]["bytes_sent"] <= 1.10 * r["history"][-1]["bytes_lower"] for r in ranks)
 
 
 @pytest.mark.parametrize("wire", ["bf16", "fp16"])

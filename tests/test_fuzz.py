@@ -32,7 +32,7 @@ def expected_error(S, G, local, m, decomposition, stages, wire, world, model) ->
                             ("group_size", G, 1)):
         if not is_int(value, lo):
             return name
-    if decomposition not in ("auto", "resist", "ist_mlp", "layers"):
+    if decomposition not in ("auto", "resist", "ist_mlp", "layers", "ffn", "heads"):
         return "decomposition"
     if wire not in ("fp32", "bf16", "fp16"):
         return "wire_dtype"

@@ -14,6 +14,7 @@ from .base import Assignment, Decomposition, Piece, average_into_global, load_su
 from .mlp import MLPDecomposition, find_mlp_layers
 from .residual import ResidualDecomposition, ResidualStage, find_residual_stages
 from .transformer import TransformerLayerDecomposition, find_layer_stacks, is_transformer
+from .transformer_width import TransformerWidthDecomposition
 from .sampling import blocks_per_subnet, deal_blocks, split_neurons
 
 
@@ -34,6 +35,9 @@ def decompose(
             kind = "ist_mlp"
         except ValueError:
             kind = "resist"
+    if kind in ("ffn", "heads"):
+        return TransformerWidthDecomposition(model, config.num_subnets, kind, seed=config.seed,
+                                             eval_scaling=config.eval_scaling)
     if kind == "layers":
         return TransformerLayerDecomposition(
             model, config.num_subnets, min_blocks=config.min_blocks, stages=config.stages, seed=config.seed,
@@ -52,6 +56,6 @@ def decompose(
 
 __all__ = [
     "Assignment", "Decomposition", "MLPDecomposition", "Piece", "ResidualDecomposition",
-    "ResidualStage", "TransformerLayerDecomposition", "average_into_global", "find_layer_stacks", "is_transformer", "blocks_per_subnet", "deal_blocks", "decompose",
+    "ResidualStage", "TransformerLayerDecomposition", "TransformerWidthDecomposition", "average_into_global", "find_layer_stacks", "is_transformer", "blocks_per_subnet", "deal_blocks", "decompose",
     "find_mlp_layers", "find_residual_stages", "load_subnet", "split_neurons", "state_tensors",
 ]

@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--wire-dtype", default="fp32")
     ap.add_argument("--out", required=True)
     ap.add_argument("--nonfinite", default="raise")
+    ap.add_argument("--decomposition", default="auto")
     ap.add_argument("--seed-rank-offset", type=int, default=0, help="rank r uses seed 5 + r * offset")
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args()
@@ -36,7 +37,7 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                        optimizer_state=args.policy, seed=5 + dist.get_rank() * args.seed_rank_offset,
-                       wire_dtype=args.wire_dtype, nonfinite=args.nonfinite, sync_timeout=args.timeout)
+                       wire_dtype=args.wire_dtype, nonfinite=args.nonfinite, decomposition=args.decomposition, sync_timeout=args.timeout)
     model = make_model(args.model)
     ist = IST(model, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), config)
     resident_after_setup = ist.resident_elements()
