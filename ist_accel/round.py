@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -476,7 +477,9 @@ class IST:
                 param.requires_grad_(False)  # the user does not optimize it: keep it frozen
             else:
                 groups[index]["params"].append(param)
-        return type(optimizer)(groups, **optimizer.defaults)
+        accepted = inspect.signature(type(optimizer).__init__).parameters
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}  # AdamW keeps extra keys
+        return type(optimizer)(groups, **defaults)
 
     def _broadcast_global(self, model: nn.Module) -> None:
         tensors = list(state_tensors(model).values())

@@ -1,0 +1,157 @@
+"""IST inside the Hugging Face ``Trainer`` (IST Alg. 1; ResIST Alg. 1 around its loop).
+
+:class:`ISTTrainer` is a thin ``Trainer`` subclass for what a callback cannot reach: it
+builds the Trainer's accelerator as an :class:`~ist_accel.ISTAccelerator` (so
+``accelerator.prepare`` hands the Trainer this rank's subnet and a subnet optimizer, and
+the round runs inside ``optimizer.step()``), makes ``trainer.model`` the prepared
+:class:`~ist_accel.ISTModel` (so ``evaluate()`` scores the averaged global model), saves
+the gathered global model with ``save_pretrained``, and adds each rank's IST state to
+checkpoints (``resume_from_checkpoint`` continues exactly). :class:`ISTCallback` checks the
+arguments at train begin; every log carries the last round's metrics (``report_to="wandb"``
+records them)::
+
+    trainer = ISTTrainer(model=model, args=TrainingArguments(..., use_cpu=True), ist_config=ISTConfig(num_subnets=2,
+                         local_steps=10, decomposition="layers"), train_dataset=train, eval_dataset=test)
+    trainer.train(); trainer.evaluate()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import Trainer, TrainerCallback
+
+from .accelerate import RANK_STATE, ISTAccelerator, ISTModel
+from .config import ISTConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ISTCallback(TrainerCallback):
+    """Checks, at train begin, that checkpoints fall on round ends."""
+
+    def __init__(self, ist_config: ISTConfig) -> None:
+        self.ist_config = ist_config
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        k = self.ist_config.local_steps
+        if args.save_strategy == "steps" and args.save_steps and int(args.save_steps) % k:
+            raise ValueError(f"save_steps={args.save_steps} must be a multiple of ist_config.local_steps={k}: "
+                             "IST checkpoints are taken at round ends")
+        if state.global_step % k:
+            raise ValueError(f"resuming at step {state.global_step}, not a round end (local_steps={k})")
+
+
+
+def round_metrics(ist: Any) -> dict[str, float]:
+    """The last round's measurements and the run's totals, for the Trainer's logs."""
+    last, totals = ist.totals.history[-1], ist.totals
+    return {"ist/round": totals.rounds, "ist/bytes_sent": last.bytes_sent, "ist/bytes_received": last.bytes_received,
+            "ist/bytes_lower": last.bytes_lower, "ist/bytes_sent_total": totals.bytes_sent,
+            "ist/bytes_received_total": totals.bytes_received, "ist/bytes_lower_total": totals.bytes_lower,
+            "ist/subnet_params": ist.subnet_numel(), "ist/compute_seconds": last.compute_seconds,
+            "ist/sync_seconds": last.sync_seconds}
+
+
+class ISTTrainer(Trainer):
+    """A ``Trainer`` that trains its model as independent subnets (see the module docstring).
+
+    Args:
+        ist_config: the IST settings; the world (processes) must be S x G.
+        example_input: an input for tracing the model, when its structure is not found
+            from its config (plain PyTorch models).
+        *args, **kwargs: as for ``Trainer``.
+    """
+
+    def __init__(self, *args: Any, ist_config: ISTConfig, example_input: torch.Tensor | None = None,
+                 **kwargs: Any) -> None:
+        if not isinstance(ist_config, ISTConfig):
+            raise TypeError(f"ist_config must be an ist_accel.ISTConfig, got {type(ist_config).__name__}")
+        ist_config.validate()
+        ist_config.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
+        self.ist_config = ist_config
+        self._example_input = example_input
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and getattr(training_args, "average_tokens_across_devices", False):
+            # an all-reduce per step across every rank: IST's groups train apart between rounds
+            training_args.average_tokens_across_devices = False
+            logger.info("ISTTrainer: average_tokens_across_devices set to False (no communication between rounds)")
+        super().__init__(*args, **kwargs)
+        self.add_callback(ISTCallback(ist_config))
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's own accelerator set-up, with ISTAccelerator in place of Accelerator."""
+        module = transformers.trainer
+        original = module.Accelerator
+        module.Accelerator = functools.partial(ISTAccelerator, self.ist_config, example_input=self._example_input)
+        try:
+            super().create_accelerator_and_postprocess()
+        finally:
+            module.Accelerator = original
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        # Called right after accelerator.prepare(model, optimizer): from here on the Trainer's
+        # model is the prepared IST model (the subnet in training, the global model in eval).
+        if self.accelerator.ist_model is not None and self.model is not self.accelerator.ist_model:
+            self.model = self.accelerator.ist_model
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the last round's IST metrics (so every reporter gets them)."""
+        ist = self.accelerator.ist
+        if ist is not None and ist.totals.history:
+            logs = {**logs, **round_metrics(ist)}
+        super().log(logs, *args, **kwargs)
+
+    @property
+    def ist(self):
+        """The round engine (after training started), or None."""
+        return self.accelerator.ist
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``save_pretrained`` of the global model, gathered from the subnets (every rank calls it)."""
+        if not isinstance(self.model, ISTModel):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        state = self.accelerator.get_state_dict(self.model)  # a collective; empty off the main process
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.accelerator.ist.model_global.save_pretrained(output_dir, state_dict=state)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.accelerator.ist is not None:  # each rank's subnet, optimizer state, owner shards, round
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            path = Path(output_dir) / RANK_STATE.format(rank=self.accelerator.process_index)
+            torch.save(self.accelerator.ist.state_dict(), path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.accelerator.ist is None:
+            return
+        path = Path(checkpoint) / RANK_STATE.format(rank=self.accelerator.process_index)
+        if not path.is_file():
+            raise FileNotFoundError(f"{checkpoint} has no {path.name}: not an ISTTrainer checkpoint of this world size")
+        self.accelerator.ist.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        logger.info("ISTTrainer: resumed round %d (step %d)", self.accelerator.ist.round, self.accelerator.ist.steps)
+
+    @contextlib.contextmanager
+    def global_model(self):
+        """The gathered global model in its evaluation view (a collective: every rank)."""
+        with self.accelerator.eval_global() as model:
+            yield model
+
+
+__all__ = ["ISTCallback", "ISTTrainer", "round_metrics"]

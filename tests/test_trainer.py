@@ -1,0 +1,74 @@
+"""ISTTrainer / ISTCallback: the HF Trainer (torchrun, use_cpu, gradient accumulation, lr
+scheduler, evaluate, save, resume) trains a tiny GPT-2 with IST, equal to the reference."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent / "workers"))
+from common import make_model  # noqa: E402
+from launch import torchrun  # noqa: E402
+from trainer_worker import BATCH, token_set  # noqa: E402
+
+from ist_accel import ISTConfig, decompose  # noqa: E402
+from ist_accel.reference import ReferenceIST  # noqa: E402
+
+STEPS, LOCAL, ACCUM = 6, 2, 2
+
+
+def reference(S, G, policy, decomposition):
+    """The same rounds by hand. Accelerate shards the in-order batches over ranks: rank r's
+    micro-batch j is global batch j*N + r. SGD as the Trainer builds it (optim="sgd"); the
+    loss of a step is the Trainer's token-sum over its ACCUM micro-batches divided by the
+    step's label count."""
+    torch.set_num_threads(1)
+    world = S * G
+    items = token_set(STEPS * ACCUM * BATCH * world, 1)
+
+    def batch(rank, j):
+        rows = torch.stack([items[(j * world + rank) * BATCH + i]["input_ids"] for i in range(BATCH)])
+        return rows
+
+    def loss(model, micro):  # the Trainer's: summed token losses / the step's label count (num_items_in_batch)
+        count = sum(x.numel() for x in micro)
+        return sum(model(x, labels=x, use_cache=False, num_items_in_batch=count).loss for x in micro)
+
+    model = make_model("gpt2")
+    config = ISTConfig(num_subnets=S, group_size=G, local_steps=LOCAL, optimizer_state=policy,
+                       decomposition=decomposition, seed=5)
+    ref = ReferenceIST(decompose(model, config),
+                       lambda p: torch.optim.SGD(p, lr=0.01), policy)
+    for r in range(STEPS // LOCAL):
+        steps = range(r * LOCAL, (r + 1) * LOCAL)
+        ref.run_round([[[[batch(s * G + g, t * ACCUM + k) for k in range(ACCUM)] for t in steps] for g in range(G)]
+                       for s in range(S)], loss)
+    return model, ref.decomposition
+
+
+@pytest.mark.parametrize("S,G,policy,decomposition", [(2, 1, "reset", "layers"), (2, 1, "carry", "heads"),
+                                                      (2, 2, "reset", "layers")])
+def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition):
+    proc = torchrun("trainer_worker.py", S * G, ["--num-subnets", str(S), "--group-size", str(G), "--policy", policy,
+                                                "--decomposition", decomposition, "--out", str(tmp_path)],
+                    env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
+    assert (tmp_path / "result.json").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["rounds"], result["steps"]) == (STEPS // LOCAL, STEPS)  # accumulation counts optimizer steps
+    got = load_file(tmp_path / "final" / "model.safetensors")
+    expected, d = reference(S, G, policy, decomposition)
+    for key, value in expected.state_dict().items():
+        if key in got:  # save_pretrained drops the tied lm_head.weight
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    # evaluate() scored the global model in its evaluation view
+    items = token_set(4 * BATCH * S * G, 2)
+    x = torch.stack([i["input_ids"] for i in items])
+    with d.eval_view(expected) as view, torch.no_grad():
+        losses = [view(x[i:i + BATCH], labels=x[i:i + BATCH], use_cache=False, num_items_in_batch=BATCH * x.shape[1]).loss
+                  for i in range(0, len(x), BATCH)]
+    assert result["eval_loss"] == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
+    logged = {k for entry in result["log_history"] for k in entry}
+    assert {"ist/round", "ist/bytes_sent_total", "ist/bytes_lower_total", "ist/sync_seconds", "loss"} <= logged
