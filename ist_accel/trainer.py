@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
 from .accelerate import RANK_STATE, ISTAccelerator, ISTModel
 from .config import ISTConfig
@@ -60,8 +60,9 @@ def round_metrics(ist: Any) -> dict[str, float]:
             "ist/sync_seconds": last.sync_seconds}
 
 
-class ISTTrainer(Trainer):
-    """A ``Trainer`` that trains its model as independent subnets (see the module docstring).
+class ISTTrainerMixin:
+    """What makes a ``Trainer`` (or a subclass such as ``Seq2SeqTrainer``) train its model
+    as independent subnets (see the module docstring).
 
     Args:
         ist_config: the IST settings; the world (processes) must be S x G.
@@ -92,7 +93,7 @@ class ISTTrainer(Trainer):
         original = module.Accelerator
         module.Accelerator = functools.partial(ISTAccelerator, self.ist_config, example_input=self._example_input)
         try:
-            super().create_accelerator_and_postprocess()
+            super().create_accelerator_and_postprocess()  # type: ignore[misc]
         finally:
             module.Accelerator = original
 
@@ -154,4 +155,12 @@ class ISTTrainer(Trainer):
             yield model
 
 
-__all__ = ["ISTCallback", "ISTTrainer", "round_metrics"]
+class ISTTrainer(ISTTrainerMixin, Trainer):
+    """``Trainer`` with IST (see :class:`ISTTrainerMixin`)."""
+
+
+class ISTSeq2SeqTrainer(ISTTrainerMixin, Seq2SeqTrainer):
+    """``Seq2SeqTrainer`` with IST (see :class:`ISTTrainerMixin`)."""
+
+
+__all__ = ["ISTCallback", "ISTSeq2SeqTrainer", "ISTTrainer", "ISTTrainerMixin", "round_metrics"]

@@ -20,7 +20,7 @@ from ist_accel.reference import ReferenceIST  # noqa: E402
 STEPS, LOCAL, ACCUM = 6, 2, 2
 
 
-def reference(S, G, policy, decomposition):
+def reference(S, G, policy, decomposition, linear=False):
     """The same rounds by hand. Accelerate shards the in-order batches over ranks: rank r's
     micro-batch j is global batch j*N + r. SGD as the Trainer builds it (optim="sgd"); the
     loss of a step is the Trainer's token-sum over its ACCUM micro-batches divided by the
@@ -42,6 +42,15 @@ def reference(S, G, policy, decomposition):
                        decomposition=decomposition, seed=5)
     ref = ReferenceIST(decompose(model, config),
                        lambda p: torch.optim.SGD(p, lr=0.01), policy)
+    if linear:  # the Trainer's default schedule: lr decays linearly to 0 over the run (no warm-up)
+        for opt in ref.optimizers:
+            counter = {"step": 0}
+
+            def set_lr(o, args, kwargs, counter=counter):
+                o.param_groups[0]["lr"] = 0.01 * (STEPS - counter["step"]) / STEPS
+                counter["step"] += 1
+
+            opt.register_step_pre_hook(set_lr)
     for r in range(STEPS // LOCAL):
         steps = range(r * LOCAL, (r + 1) * LOCAL)
         ref.run_round([[[[batch(s * G + g, t * ACCUM + k) for k in range(ACCUM)] for t in steps] for g in range(G)]
@@ -49,17 +58,18 @@ def reference(S, G, policy, decomposition):
     return model, ref.decomposition
 
 
-@pytest.mark.parametrize("S,G,policy,decomposition", [(2, 1, "reset", "layers"), (2, 1, "carry", "heads"),
-                                                      (2, 2, "reset", "layers")])
-def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition):
+@pytest.mark.parametrize("S,G,policy,decomposition,scheduler", [
+    (2, 1, "reset", "layers", "linear"), (2, 1, "carry", "heads", "constant"), (2, 2, "reset", "layers", "constant")])
+def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, scheduler):
     proc = torchrun("trainer_worker.py", S * G, ["--num-subnets", str(S), "--group-size", str(G), "--policy", policy,
-                                                "--decomposition", decomposition, "--out", str(tmp_path)],
+                                                "--decomposition", decomposition, "--lr-scheduler", scheduler,
+                                                "--out", str(tmp_path)],
                     env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
     assert (tmp_path / "result.json").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["rounds"], result["steps"]) == (STEPS // LOCAL, STEPS)  # accumulation counts optimizer steps
     got = load_file(tmp_path / "final" / "model.safetensors")
-    expected, d = reference(S, G, policy, decomposition)
+    expected, d = reference(S, G, policy, decomposition, linear=scheduler == "linear")
     for key, value in expected.state_dict().items():
         if key in got:  # save_pretrained drops the tied lm_head.weight
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
@@ -72,3 +82,35 @@ def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition):
     assert result["eval_loss"] == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
     logged = {k for entry in result["log_history"] for k in entry}
     assert {"ist/round", "ist/bytes_sent_total", "ist/bytes_lower_total", "ist/sync_seconds", "loss"} <= logged
+
+
+def test_save_steps_and_resume_from_checkpoint_continue_exactly(tmp_path):
+    """Checkpoints every round (save_steps = local_steps); a second run resumed from the
+    step-4 checkpoint ends with the parameters of the first; W&B (offline) gets IST metrics."""
+    common = ["--policy", "carry", "--decomposition", "heads", "--save-steps", "2", "--lr-scheduler", "linear"]
+    env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    first = torchrun("trainer_worker.py", 2, [*common, "--report-to", "wandb", "--out", str(tmp_path / "a")], env=env)
+    assert (tmp_path / "a" / "result.json").exists(), first.stderr[-5000:]
+    checkpoint = tmp_path / "a" / "checkpoint-4"
+    assert {p.name for p in checkpoint.glob("ist_rank*.pt")} == {"ist_rank0.pt", "ist_rank1.pt"}
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    second = torchrun("trainer_worker.py", 2, [*common, "--resume", str(checkpoint), "--out", str(tmp_path / "b")],
+                      env=env)
+    assert (tmp_path / "b" / "result.json").exists(), second.stderr[-5000:]
+    a, b = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{key}: {m}")
+    result = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert (result["rounds"], result["steps"]) == (3, 6)
+
+
+def test_seq2seq_trainer_trains_t5_layers(tmp_path):
+    proc = torchrun("seq2seq_worker.py", 2, ["--out", str(tmp_path)], env={"HF_HUB_OFFLINE": "1"})
+    assert (tmp_path / "result.json").exists(), proc.stderr[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["rounds"] == 5 and result["eval_loss"] < result["first_loss"]
+
+
+def test_save_steps_off_the_round_end_is_refused(tmp_path):
+    proc = torchrun("trainer_worker.py", 2, ["--save-steps", "3", "--out", str(tmp_path)], env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0 and "save_steps=3 must be a multiple of ist_config.local_steps=2" in proc.stderr

@@ -44,13 +44,14 @@ def main() -> None:
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", default=None)
     ap.add_argument("--report-to", default="none")
+    ap.add_argument("--lr-scheduler", default="constant")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ["WORLD_SIZE"])
     training_args = TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
-        gradient_accumulation_steps=args.accum, max_steps=args.steps, learning_rate=0.01, lr_scheduler_type="constant",
+        gradient_accumulation_steps=args.accum, max_steps=args.steps, learning_rate=0.01, lr_scheduler_type=args.lr_scheduler,
         weight_decay=0.0, max_grad_norm=0.0, optim="sgd", use_cpu=True, report_to=args.report_to,
         logging_steps=args.local_steps, save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500, dataloader_drop_last=True, seed=0, disable_tqdm=True,
