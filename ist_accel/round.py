@@ -364,7 +364,7 @@ class IST:
             return None
         model = self.model_global
         offset = 0
-        live = {n: t for n, t in model.state_dict(keep_vars=True).items()}
+        live = state_tensors(model)  # non-persistent buffers too (e.g. rotary inv_freq)
         with torch.no_grad():
             for n in names:
                 shape, dtype = self.global_shapes[n]

@@ -42,7 +42,8 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     g = parser.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default="ist", help="ist, or a baseline: ddp / Accelerate's LocalSGD")
     g.add_argument("--num-subnets", type=int, default=None, help="S (default: world size / group size)")
-    g.add_argument("--group-size", type=int, default=1, help="G, ranks training one subnet together")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="G, ranks training one subnet together (default: world size / S, or 1)")
     g.add_argument("--local-steps", type=int, default=50, help="optimizer steps per round (also LocalSGD's)")
     g.add_argument("--min-blocks", type=int, default=0, help="ResIST minimum depth per partitioned stage")
     g.add_argument("--stages", default="longest", help="ResIST stages: longest, all, or e.g. layer3:1-22")
@@ -88,7 +89,12 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Clear errors before any process group or file is touched."""
+    """Clear errors before any process group or file is touched. Of S and G, one given
+    (or neither) fills in the other from the world size, so a sweep can vary S alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.group_size is None:
+        args.group_size = world // args.num_subnets if args.num_subnets and args.num_subnets > 0 else 1
+        args.group_size = max(args.group_size, 1)
     for name in ("local_steps", "batch_size", "eval_batch_size", "grad_accum", "group_size", "log_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -107,7 +113,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.method == "ist" and args.checkpoint_every % args.local_steps:
         raise SystemExit(f"--checkpoint-every {args.checkpoint_every} must be a multiple of --local-steps "
                          f"{args.local_steps}: IST checkpoints are taken at round ends")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.method == "ist":
         if world % args.group_size:
             raise SystemExit(f"world size {world} is not a multiple of --group-size {args.group_size}")

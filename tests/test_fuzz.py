@@ -148,12 +148,19 @@ def test_recipe_cli_fails_cleanly_or_runs_its_preflight(tmp_path, monkeypatch, c
 
 def _cli_valid(flags: dict, world: int) -> bool:
     """The recipe's flags, by the spec: argparse choices, integers in range, checkpoints on
-    round ends, S x G = world (S defaults to world / G), and the model's partitionable blocks."""
+    round ends, S x G = world (one of S and G, if missing, is the world divided by the
+    other; G alone missing with S not given: 1), and the model's partitionable blocks."""
     get = flags.get
     try:
-        local, G, m = int(get("--local-steps", "50")), int(get("--group-size", "1")), int(get("--min-blocks", "0"))
+        local, m = int(get("--local-steps", "50")), int(get("--min-blocks", "0"))
         every = int(get("--checkpoint-every", "0"))
-        S = int(flags["--num-subnets"]) if "--num-subnets" in flags else (world // G if G > 0 else 0)
+        S = int(flags["--num-subnets"]) if "--num-subnets" in flags else None
+        if "--group-size" in flags:
+            G = int(flags["--group-size"])
+        else:  # filled in from the world size and S
+            G = max(world // S, 1) if S is not None and S > 0 else 1
+        if S is None:
+            S = world // G if G > 0 else 0
     except ValueError:
         return False
     if get("--decomposition", "resist") not in ("auto", "resist") or get("--wire-dtype", "fp32") == "fp8":
