@@ -31,6 +31,9 @@ def tiny(name: str) -> nn.Module:
     if name == "qwen2":
         return t.Qwen2ForCausalLM(t.Qwen2Config(num_hidden_layers=6, hidden_size=32, intermediate_size=64,
                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=97))
+    if name == "vit":
+        return t.ViTForImageClassification(t.ViTConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64,
+                                                       num_attention_heads=4, image_size=16, patch_size=4, num_labels=3))
     if name == "t5":
         return t.T5ForConditionalGeneration(t.T5Config(num_layers=5, num_decoder_layers=5, d_model=32, d_ff=64,
                                                        num_heads=4, d_kv=8, vocab_size=97))
@@ -42,15 +45,19 @@ STACKS = {
     "bert": [("bert.encoder.layer", 6, "attention.output.dense,output.dense")],
     "llama": [("model.layers", 6, "self_attn.o_proj,mlp.down_proj")],
     "qwen2": [("model.layers", 6, "self_attn.o_proj,mlp.down_proj")],
+    "vit": [("vit.layers", 6, "attention.o_proj,mlp.fc2")],
     "t5": [("encoder.block", 5, "layer.0.SelfAttention.o,layer.1.DenseReluDense.wo"),
            ("decoder.block", 5, "layer.0.SelfAttention.o,layer.1.EncDecAttention.o,layer.2.DenseReluDense.wo")],
 }
 INPUT = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
 def logits(model, x=INPUT):
-    kwargs = {"decoder_input_ids": x} if isinstance(model, transformers.T5ForConditionalGeneration) else {}
     with torch.no_grad():
+        if isinstance(model, transformers.ViTForImageClassification):
+            return model(PIXELS).logits
+        kwargs = {"decoder_input_ids": x} if isinstance(model, transformers.T5ForConditionalGeneration) else {}
         return model(x, use_cache=False, **kwargs).logits
 
 
@@ -81,7 +88,8 @@ def test_layer_lists_found_and_subnet_is_the_model_without_unheld_layers(name):
             expected = logits(skip_unheld(model, d, a, s))
             torch.testing.assert_close(logits(sub), expected, rtol=1e-5, atol=1e-5)
             assert not torch.allclose(expected, logits(model), atol=1e-3)  # skipping layers changes the output
-            assert sub.config.use_cache is False and model.config.use_cache is not False
+            if name != "vit":  # (no KV cache in an image encoder)
+                assert sub.config.use_cache is False and model.config.use_cache is not False
 
 
 @pytest.mark.parametrize("name,S", [("gpt2", 2), ("llama", 2), ("llama", 4), ("bert", 2)])
@@ -147,6 +155,7 @@ WIDTH_OUT = {  # per family: (FFN output projection, attention output projection
     "bert": ("output.dense", "attention.output.dense", "bert.encoder.layer"),
     "llama": ("mlp.down_proj", "self_attn.o_proj", "model.layers"),
     "qwen2": ("mlp.down_proj", "self_attn.o_proj", "model.layers"),
+    "vit": ("mlp.fc2", "attention.o_proj", "vit.layers"),
 }
 
 
@@ -177,7 +186,7 @@ def zero_unheld(model, d, units, held):
 
 def name_of(model):
     return {"GPT2LMHeadModel": "gpt2", "BertForMaskedLM": "bert", "LlamaForCausalLM": "llama",
-            "Qwen2ForCausalLM": "qwen2"}[type(model).__name__]
+            "Qwen2ForCausalLM": "qwen2", "ViTForImageClassification": "vit"}[type(model).__name__]
 
 
 @pytest.mark.parametrize("name", sorted(WIDTH_OUT))

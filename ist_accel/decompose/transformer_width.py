@@ -12,7 +12,8 @@ Supported layer layouts (module names inside a layer): Llama-family (``mlp.gate_
 ``up_proj``/``down_proj``, ``self_attn.q_proj``/``k_proj``/``v_proj``/``o_proj``), GPT-2
 (``mlp.c_fc``/``c_proj``, fused ``attn.c_attn``, ``attn.c_proj``), BERT/RoBERTa
 (``intermediate.dense``/``output.dense``, ``attention.self.query``/``key``/``value``,
-``attention.output.dense``).
+``attention.output.dense``), ViT (``mlp.fc1``/``fc2``, ``attention.q_proj`` ... ``o_proj``)
+and OPT-style layers (``fc1``/``fc2``, ``self_attn.*_proj``/``out_proj``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from .trace import get_module, set_module
 from .transformer import find_layer_stacks
 
 FFN_LAYOUTS = ((("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"), (("mlp.c_fc",), "mlp.c_proj"),
-               (("intermediate.dense",), "output.dense"))
+               (("intermediate.dense",), "output.dense"), (("mlp.fc1",), "mlp.fc2"), (("fc1",), "fc2"))
 ATTENTION_LAYOUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+                     ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"),
                      ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"))
 FUSED_ATTENTION_LAYOUTS = (("attn.c_attn", "attn.c_proj"),)
 
