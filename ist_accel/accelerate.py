@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class ISTModel(nn.Module):
         if mode:
             self.release_global()
         elif self._global_stack is None and self.ist is not None:  # (warm-up: the model is whole)
+            object.__setattr__(self, "_eval_started", time.perf_counter())
             stack = contextlib.ExitStack()
             view = stack.enter_context(self.ist.eval_global(dst=None))
             view.eval()
@@ -94,6 +96,7 @@ class ISTModel(nn.Module):
             self._global_stack.close()
             object.__setattr__(self, "_global_stack", None)
             object.__setattr__(self, "_global_view", None)
+            self.ist.exclude_from_compute(time.perf_counter() - self._eval_started)  # evaluation is not training
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Gradient accumulation without the group's all-reduce (Accelerate calls this)."""

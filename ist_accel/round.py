@@ -277,6 +277,10 @@ class IST:
     def _params(self) -> dict[str, nn.Parameter]:
         return dict(self.subnet.named_parameters())
 
+    def exclude_from_compute(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation inside the round, say) out of the round's compute time."""
+        self._round_started += seconds
+
     @property
     def at_round_boundary(self) -> bool:
         """True when no optimizer step was taken since the last synchronization."""

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -252,7 +253,7 @@ def train_classifier(
     local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=args.local_steps,
                          enabled=args.method == "localsgd")
     results = _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
-                    total_steps, batches_per_epoch, local_sgd)
+                    total_steps, batches_per_epoch, local_sgd, model_params)
     if results is None:
         return None
     results.update(_communication(args, accelerator, model_params, progress.step))
@@ -266,13 +267,16 @@ def train_classifier(
 
 
 def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress, total_steps,
-          batches_per_epoch, local_sgd) -> dict[str, Any] | None:
+          batches_per_epoch, local_sgd, model_params) -> dict[str, Any] | None:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process,
                desc=f"{args.method}", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     started = time.perf_counter()
     loss_sum, loss_count, accuracy = 0.0, 0, None
+    history: list[dict[str, float]] = []  # accuracy against samples, bytes and seconds, at every evaluation
+    eval_time = 0.0
+    state_elements = 0
     model.train()
     with local_sgd:
         while progress.step < total_steps:
@@ -285,6 +289,8 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.clip_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+                    if accelerator.sync_gradients:  # gradients exist: the per-worker state at its peak
+                        state_elements = max(state_elements, _state_elements(args, accelerator, model, optimizer))
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -303,7 +309,11 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
                     bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}", lr=f"{lr:.3g}")
                     loss_sum, loss_count = 0.0, 0
                 if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+                    eval_started = time.perf_counter()
                     accuracy = evaluate(accelerator, model, eval_loader)
+                    history.append(_point(args, accelerator, progress, accuracy, time.perf_counter() - started - eval_time,
+                                          model_params))
+                    eval_time += time.perf_counter() - eval_started
                     accelerator.log({"eval/accuracy": accuracy}, step=step)
                     bar.write(f"step {step}: eval accuracy {accuracy:.4f}") if accelerator.is_main_process else None
                 if args.checkpoint_every and step % args.checkpoint_every == 0:
@@ -315,12 +325,48 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
                 if step >= total_steps:
                     break
     bar.close()
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - started - eval_time
     accuracy = evaluate(accelerator, model, eval_loader)
+    history.append(_point(args, accelerator, progress, accuracy, train_seconds, model_params))
     accelerator.log({"eval/accuracy": accuracy}, step=progress.step)
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, state_elements],
+                        dtype=torch.float64, device=accelerator.device)
+    peak = accelerator.reduce(peak, "max").tolist()
+    if torch.cuda.is_available():
+        cuda_peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20], device=accelerator.device)
+        peak.append(accelerator.reduce(cuda_peak, "max").item())
     return {"method": args.method, "final_accuracy": accuracy, "steps": progress.step,
             "samples_per_worker": progress.batches_seen * args.batch_size,
-            "world_size": accelerator.num_processes, "train_seconds": train_seconds}
+            "world_size": accelerator.num_processes, "train_seconds": train_seconds, "history": history,
+            "peak_rss_mib": peak[0], "peak_state_elements": int(peak[1]),
+            "peak_cuda_mib": peak[2] if len(peak) > 2 else None}
+
+
+def _state_elements(args, accelerator, model, optimizer) -> int:
+    """Tensor elements a worker keeps: parameters, gradients, optimizer state (IST: also
+    owner shards and what remains of the global model)."""
+    if args.method == "ist":
+        return accelerator.ist.resident_elements()
+    params = list(model.parameters())
+    n = sum(p.numel() + (p.grad.numel() if p.grad is not None else 0) for p in params)
+    return n + sum(v.numel() for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+
+
+def _point(args, accelerator, progress, accuracy: float, seconds: float, model_params: int) -> dict[str, float]:
+    """One point of the accuracy curve: samples, bytes sent per worker so far (measured for
+    IST, the ring all-reduce for the baselines) and seconds of training so far (for IST the
+    measured compute, without the syncs; for the baselines the loop's wall time)."""
+    if args.method == "ist":
+        t = accelerator.ist.totals
+        mean = accelerator.reduce(torch.tensor([t.bytes_sent, t.compute_seconds], dtype=torch.float64,
+                                               device=accelerator.device), "mean").tolist()
+        warmup = accelerator.dense_warmup_steps * ring_allreduce_bytes(model_params, accelerator.num_processes)
+        sent, compute = mean[0] + warmup, mean[1]
+    else:
+        syncs = progress.step if args.method == "ddp" else progress.step // args.local_steps
+        sent, compute = syncs * ring_allreduce_bytes(model_params, accelerator.num_processes), seconds
+    return {"step": progress.step, "samples_per_worker": progress.batches_seen * args.batch_size,
+            "accuracy": accuracy, "bytes_sent_per_worker": sent, "compute_seconds": compute}
 
 
 def _communication(args, accelerator, model_params: int, steps: int) -> dict[str, Any]:

@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""IST against DDP and Accelerate's LocalSGD, side by side, in one invocation.
+
+The three methods run the same recipe (same data, model, seeds, per-worker batch and step
+budget), one multi-process launch each (gloo on CPU with launch_configs/cpu.yaml, NCCL on
+GPUs); this script collects their results.json files and writes, per task,
+``results.json``, ``table.md`` and two plots: accuracy against bytes sent per worker and
+against modeled time at a link bandwidth (measured compute seconds + bytes / bandwidth).
+
+    python benchmarks/compare.py --task mnist --num-subnets 2 --epochs 3 --seeds 0 1 --out docs/bench
+    python benchmarks/compare.py --task cifar10 --num-subnets 4 --epochs 5 --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "datasets"
+TASKS = {  # recipe, its data, and defaults sized for a 2-core CPU machine (GPU: pass --arch etc.)
+    "cifar10": ("recipes/resist_cifar.py", ["--data", str(DATA / "cifar10-jpeg.tar.gz"), "--arch", "preact_resnet20"]),
+    "mnist": ("recipes/ist_mlp.py", ["--data", str(DATA / "mnist")]),
+}
+METHODS = ("ddp", "localsgd", "ist")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(task: str, method: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    recipe, data_args = TASKS[task]
+    gpus = args.gpu
+    launcher = ["--multi_gpu"] if gpus else ["--config_file", str(ROOT / "launch_configs" / "cpu.yaml")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(args.num_subnets),
+           "--main_process_port", str(free_port()), str(ROOT / recipe), *data_args, "--method", method,
+           "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+           "--local-steps", str(args.local_steps), "--eval-every", str(args.eval_every), "--output-dir", str(out),
+           *(["--lr", str(args.lr)] if args.lr else []), *args.extra]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+    print(f"== {task} S={args.num_subnets} {method} seed {seed}", flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    results = out / "results.json"
+    if not results.exists():
+        raise SystemExit(f"{method} (seed {seed}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(results.read_text())
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {(max(values) - min(values)) / 2:.2g}"
+
+
+def summarize(runs: dict[str, list[dict]], bandwidth: float) -> tuple[list[dict], float]:
+    """Per method: the table's numbers (means over seeds) and the common accuracy target."""
+    target = min(max(p["accuracy"] for p in r["history"]) for rs in runs.values() for r in rs)
+    rows = []
+    ddp_bytes = statistics.mean(r["bytes_sent_per_worker"] / r["samples_per_worker"] for r in runs.get("ddp", []))\
+        if "ddp" in runs else None
+    for method, rs in runs.items():
+        per_sample = [r["bytes_sent_per_worker"] / r["samples_per_worker"] for r in rs]
+        to_target = []
+        for r in rs:
+            reached = next((p for p in r["history"] if p["accuracy"] >= target), None)
+            to_target.append(reached["compute_seconds"] + reached["bytes_sent_per_worker"] / bandwidth
+                             if reached else float("nan"))
+        rounds = [max(r["rounds"], 1) for r in rs]
+        rows.append({
+            "method": method,
+            "final_accuracy": [r["final_accuracy"] for r in rs],
+            "bytes_per_sample": per_sample,
+            "bytes_vs_ddp": [ddp_bytes / b if b and ddp_bytes else float("inf") for b in per_sample],
+            "measured_vs_lower": [r["bytes_sent_per_worker"] / r["bytes_lower_per_worker"]
+                                  if r["bytes_lower_per_worker"] else 1.0 for r in rs],
+            "bytes_measured": rs[0]["bytes_measured"],
+            "peak_rss_mib": [r["peak_rss_mib"] for r in rs],
+            "peak_state_elements": [r["peak_state_elements"] for r in rs],
+            "compute_s_per_round": [r["history"][-1]["compute_seconds"] / n for r, n in zip(rs, rounds)],
+            "sync_s_per_round": [r["sync_seconds"] / n if r["sync_seconds"] is not None else float("nan")
+                                 for r, n in zip(rs, rounds)],
+            "modeled_seconds_to_target": to_target,
+        })
+    return rows, target
+
+
+def table(rows: list[dict], target: float, bandwidth: float) -> str:
+    head = ("| method | final accuracy | bytes / worker / sample | DDP bytes / these | bytes / lower bound | "
+            f"peak RSS MiB | state elements / worker | compute s / round | sync s / round | "
+            f"modeled s to {target:.3f} at {bandwidth * 8 / 1e9:g} Gbit/s |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        bytes_note = "" if r["bytes_measured"] else " (ring model)"
+        lines.append(f"| {r['method']} | {spread(r['final_accuracy'])} | {spread(r['bytes_per_sample'])}{bytes_note} | "
+                     f"{spread(r['bytes_vs_ddp'])} | {spread(r['measured_vs_lower'])} | {spread(r['peak_rss_mib'])} | "
+                     f"{spread(r['peak_state_elements'])} | {spread(r['compute_s_per_round'])} | "
+                     f"{spread(r['sync_s_per_round'])} | {spread(r['modeled_seconds_to_target'])} |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, list[dict]], bandwidth: float, out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, x_of, label in (
+        ("accuracy_vs_bytes.png", lambda p: p["bytes_sent_per_worker"] / 1e6, "MB sent per worker"),
+        ("accuracy_vs_time.png", lambda p: p["compute_seconds"] + p["bytes_sent_per_worker"] / bandwidth,
+         f"modeled seconds (compute + bytes at {bandwidth * 8 / 1e9:g} Gbit/s)"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, rs in runs.items():
+            for i, r in enumerate(rs):
+                xs = [x_of(p) for p in r["history"]]
+                ax.plot(xs, [p["accuracy"] for p in r["history"]], marker="o", markersize=3,
+                        label=method if i == 0 else None, color={"ddp": "C0", "localsgd": "C1", "ist": "C2"}[method])
+        ax.set_xscale("symlog" if "bytes" in name else "linear")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=sorted(TASKS), required=True)
+    ap.add_argument("--num-subnets", type=int, default=2, help="also the number of workers (G = 1)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=128, help="per worker")
+    ap.add_argument("--local-steps", type=int, default=50, help="IST's and LocalSGD's steps between syncs")
+    ap.add_argument("--lr", type=float, default=None, help="default: the recipe's")
+    ap.add_argument("--eval-every", type=int, default=100, help="steps between points of the accuracy curves")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--bandwidth-gbps", type=float, default=10.0, help="link bandwidth for the modeled time")
+    ap.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL (accelerate launch --multi_gpu)")
+    ap.add_argument("--out", default="bench")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for the recipe")
+    args = ap.parse_args(argv)
+    args.extra = [a for a in args.extra if a != "--"]
+    if args.eval_every % args.local_steps:
+        raise SystemExit(f"--eval-every {args.eval_every} must be a multiple of --local-steps {args.local_steps}")
+    bandwidth = args.bandwidth_gbps * 1e9 / 8
+    out = Path(args.out) / f"{args.task}_S{args.num_subnets}"
+    runs: dict[str, list[dict]] = {}
+    for method in args.methods:
+        for seed in args.seeds:
+            runs.setdefault(method, []).append(launch(args.task, method, seed, args, out / f"{method}_seed{seed}"))
+    rows, target = summarize(runs, bandwidth)
+    text = table(rows, target, bandwidth)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"task": args.task, "num_subnets": args.num_subnets, "epochs": args.epochs, "seeds": args.seeds,
+               "batch_size": args.batch_size, "local_steps": args.local_steps, "bandwidth_gbps": args.bandwidth_gbps,
+               "accuracy_target": target, "rows": rows,
+               "runs": {m: [{k: v for k, v in r.items() if k != "ist_config"} for r in rs] for m, rs in runs.items()}}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "table.md").write_text(text + "\n")
+    plot(runs, bandwidth, out, f"{args.task}, {args.num_subnets} workers")
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
