@@ -6,6 +6,7 @@ budget), one multi-process launch each (gloo on CPU with launch_configs/cpu.yaml
 GPUs); this script collects their results.json files and writes, per task,
 ``results.json``, ``table.md`` and two plots: accuracy against bytes sent per worker and
 against modeled time at a link bandwidth (measured compute seconds + bytes / bandwidth).
+The runs themselves (with their model weights) stay under ``runs/``, which git ignores.
 
     python benchmarks/compare.py --task mnist --num-subnets 2 --epochs 3 --seeds 0 1 --out docs/bench
     python benchmarks/compare.py --task cifar10 --num-subnets 4 --epochs 5 --out docs/bench
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, list[dict]] = {}
     for method in args.methods:
         for seed in args.seeds:
-            runs.setdefault(method, []).append(launch(args.task, method, seed, args, out / f"{method}_seed{seed}"))
+            runs.setdefault(method, []).append(launch(args.task, method, seed, args, out / "runs" / f"{method}_seed{seed}"))
     rows, target = summarize(runs, bandwidth)
     text = table(rows, target, bandwidth)
     out.mkdir(parents=True, exist_ok=True)
