@@ -230,3 +230,15 @@ def forward_scaling(hooks: list[tuple[nn.Module, float, str]]) -> Iterator[None]
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def evaluation_view(model: nn.Module, hooks: list[tuple[nn.Module, float, str]]) -> Iterator[nn.Module]:
+    """``model`` in eval mode with the scaling ``hooks`` applied; its mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with forward_scaling(hooks):
+            yield model
+    finally:
+        model.train(was_training)

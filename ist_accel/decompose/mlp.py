@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .base import Assignment, Decomposition, Piece, check_num_subnets, forward_scaling, state_tensors
-from .sampling import split_neurons
+from .base import Assignment, Decomposition, Piece, check_num_subnets, evaluation_view, state_tensors
+from .sampling import split_assignment
 from .trace import default_example_input, get_module, set_module, trace_model
 
 _NORMS = (nn.BatchNorm1d, nn.LayerNorm)
@@ -92,8 +92,7 @@ class MLPDecomposition(Decomposition):
         return dict(self.widths)
 
     def assignment(self, round_: int) -> Assignment:
-        split = {g: split_neurons(w, self.num_subnets, self.seed, round_, g) for g, w in self.widths.items()}
-        return Assignment(round_, tuple({g: split[g][s] for g in split} for s in range(self.num_subnets)))
+        return split_assignment(self.widths, self.num_subnets, self.seed, round_)
 
     def build_subnet(self, subnet: int) -> nn.Module:
         sub = copy.deepcopy(self.model)
@@ -149,10 +148,5 @@ class MLPDecomposition(Decomposition):
         hooks = []
         if self.eval_scaling and self.num_subnets > 1:
             hooks = [(model.get_submodule(n), 1.0 / self.num_subnets, "in") for n in self.linears[1:]]
-        was_training = model.training
-        model.eval()
-        try:
-            with forward_scaling(hooks):
-                yield model
-        finally:
-            model.train(was_training)
+        with evaluation_view(model, hooks) as view:
+            yield view

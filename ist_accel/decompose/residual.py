@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Assignment, Decomposition, Piece, check_num_subnets, forward_scaling, state_tensors
+from .base import Assignment, Decomposition, Piece, check_num_subnets, evaluation_view, state_tensors
 from .sampling import blocks_per_subnet, deal_blocks
 from .trace import Trace, default_example_input, get_module, set_module, signature, trace_model
 
@@ -296,13 +296,8 @@ class ResidualDecomposition(Decomposition):
                 for position in range(st.start, st.stop):
                     for branch in st.branch.split(","):  # a transformer layer has two residual branches
                         hooks.append((model.get_submodule(f"{st.block_name(position)}.{branch}"), factor, "out"))
-        was_training = model.training
-        model.eval()
-        try:
-            with forward_scaling(hooks):
-                yield model
-        finally:
-            model.train(was_training)
+        with evaluation_view(model, hooks) as view:
+            yield view
 
     # ---- helpers ------------------------------------------------------------
 

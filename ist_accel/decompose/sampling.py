@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import seeded_generator
+from .base import Assignment, seeded_generator
 
 
 def blocks_per_subnet(num_blocks: int, num_subnets: int, min_blocks: int) -> list[int]:
@@ -42,3 +42,9 @@ def split_neurons(
     perm = torch.randperm(width, generator=seeded_generator(seed, round_, group))
     part = width // num_subnets
     return [tuple(sorted(perm[s * part : (s + 1) * part].tolist())) for s in range(num_subnets)]
+
+
+def split_assignment(widths: dict[str, int], num_subnets: int, seed: int, round_: int) -> Assignment:
+    """IST's assignment: every group's units shuffled and split into S disjoint equal parts."""
+    split = {g: split_neurons(w, num_subnets, seed, round_, g) for g, w in widths.items()}
+    return Assignment(round_, tuple({g: split[g][s] for g in split} for s in range(num_subnets)))

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Assignment, Decomposition, Piece, check_num_subnets, forward_scaling, state_tensors
-from .sampling import split_neurons
+from .base import Assignment, Decomposition, Piece, check_num_subnets, evaluation_view, state_tensors
+from .sampling import split_assignment
 from .trace import get_module, set_module
 from .transformer import find_layer_stacks
 
@@ -124,8 +124,7 @@ class TransformerWidthDecomposition(Decomposition):
         return dict(self.widths)
 
     def assignment(self, round_: int) -> Assignment:
-        split = {g: split_neurons(w, self.num_subnets, self.seed, round_, g) for g, w in self.widths.items()}
-        return Assignment(round_, tuple({g: split[g][s] for g in split} for s in range(self.num_subnets)))
+        return split_assignment(self.widths, self.num_subnets, self.seed, round_)
 
     def _head_dims(self, kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(query dims, key/value dims) of the given key/value heads and their query groups."""
@@ -206,13 +205,8 @@ class TransformerWidthDecomposition(Decomposition):
         if self.eval_scaling and self.num_subnets > 1:
             outs = [f"{layer.path}.{layer.ffn_out if self.units == 'ffn' else layer.attn_out}" for layer in self.layers]
             hooks = [(model.get_submodule(name), 1.0 / self.num_subnets, "in") for name in outs]
-        was_training = model.training
-        model.eval()
-        try:
-            with forward_scaling(hooks):
-                yield model
-        finally:
-            model.train(was_training)
+        with evaluation_view(model, hooks) as view:
+            yield view
 
 
 __all__ = ["TransformerWidthDecomposition"]
