@@ -16,7 +16,9 @@ Semantics kept from Accelerate: ``accumulate`` counts optimizer steps (a round i
 ``local_steps`` real steps, whatever the accumulation), ``backward``/``autocast``/mixed
 precision, ``clip_grad_norm_``, ``gather_for_metrics``, ``log``, ``save_state`` /
 ``load_state``. With ``group_size`` G > 1 the subnet is wrapped in DDP over its group
-only; IST moves subnets across groups at round ends.
+only, or, under a DeepSpeed launch (``distributed_type: DEEPSPEED``), trained by one
+DeepSpeed engine per group with ZeRO partitioning inside the group (:mod:`ist_accel.zero`);
+IST moves subnets across groups at round ends.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, save
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -49,8 +51,8 @@ from .tracking import assignment_image, round_log
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
-             DistributedType.MULTI_NPU, DistributedType.MULTI_XPU, DistributedType.MULTI_HPU)
+SUPPORTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_NPU,
+             DistributedType.MULTI_XPU, DistributedType.MULTI_HPU, DistributedType.DEEPSPEED)
 RANK_STATE = "ist_rank{rank}.pt"
 WARMUP_STATE = "ist_warmup.json"
 
@@ -133,14 +135,27 @@ class ISTAccelerator(Accelerator):
         if isinstance(dense_warmup_steps, bool) or not isinstance(dense_warmup_steps, int) or dense_warmup_steps < 0:
             raise ValueError(f"dense_warmup_steps must be an integer >= 0, got {dense_warmup_steps!r}")
         ist_config.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
-        if (kwargs.get("deepspeed_plugin") is not None or kwargs.get("fsdp_plugin") is not None
-                or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-                or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
-            raise ValueError("ISTAccelerator runs subnets under DDP-style launches; DeepSpeed and FSDP plugins "
-                             "are not supported by this integration yet")
+        if kwargs.get("fsdp_plugin") is not None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise ValueError("ISTAccelerator does not run under FSDP: use a DDP-style launch (DDP inside each "
+                             "subnet group) or DeepSpeed ZeRO (partitioned inside each group)")
         handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+        backend = None
+        plugin = _deepspeed_plugin(kwargs)
+        if plugin is not None:  # checked before any process group exists
+            from .zero import check_deepspeed_config
+
+            mixed = kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION")
+            check_deepspeed_config(plugin.deepspeed_config, ist_config.group_size, str(mixed))
+            if dense_warmup_steps:
+                raise ValueError("dense_warmup_steps is not supported under DeepSpeed yet; warm up without it")
+            kwargs["deepspeed_plugin"] = plugin
+            if not torch.cuda.is_available():  # Accelerate drops DeepSpeed when cpu=True: gloo on CPU instead
+                kwargs.pop("cpu", None)
+                os.environ.pop("ACCELERATE_USE_CPU", None)
+                backend = "gloo"
         if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):  # fail, not hang, on a dead peer
-            handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=ist_config.sync_timeout)))
+            timeout = datetime.timedelta(seconds=ist_config.sync_timeout)
+            handlers.append(InitProcessGroupKwargs(timeout=timeout, **({"backend": backend} if backend else {})))
         super().__init__(*args, kwargs_handlers=handlers, **kwargs)
         if self.distributed_type not in SUPPORTED:
             raise ValueError(f"ISTAccelerator supports distributed types {[t.value for t in SUPPORTED]}, "
@@ -158,6 +173,7 @@ class ISTAccelerator(Accelerator):
         self.dense_warmup_steps = dense_warmup_steps
         self.ist: IST | None = None
         self.ist_model: ISTModel | None = None
+        self.zero_engine: Any = None  # the group's DeepSpeed engine, under DeepSpeed
         self._pending: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None  # (model, optimizer, wrapped) in warm-up
 
     # ---- prepare -----------------------------------------------------------------
@@ -175,6 +191,8 @@ class ISTAccelerator(Accelerator):
             raise ValueError(f"pass exactly one model and its optimizer to prepare(); got {len(models)} model(s) "
                              f"and {len(optimizers)} optimizer(s)")
         model, user_optimizer = models[0], optimizers[0]
+        if self.distributed_type == DistributedType.DEEPSPEED:
+            return self._prepare_zero(args, model, user_optimizer)
         if self.dense_warmup_steps:
             ist_model, optimizer = self._prepare_warmup(model, user_optimizer)
         else:
@@ -194,6 +212,36 @@ class ISTAccelerator(Accelerator):
         self.ist_model = ist_model
         self._start_ist(model, user_optimizer)
         return ist_model, self.prepare_optimizer(self.ist.optimizer)
+
+    def _prepare_zero(self, args: tuple, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> Any:
+        """Under DeepSpeed: one engine per subnet group, built once over the subnet and its
+        mirrored optimizer, with ZeRO's data-parallel world = the group (``mpu``)."""
+        from .zero import GroupTopology, ZeroSubnet
+
+        model.to(self.device)
+        self.ist_model = ISTModel(None, model)
+        self._start_ist(model, user_optimizer)
+        topology = GroupTopology(self.ist)
+        rest = [a for a in args if a is not model and a is not user_optimizer]
+        for obj in rest:
+            if _is_scheduler(obj) and getattr(obj, "optimizer", None) is user_optimizer:
+                _retarget_scheduler(obj, self.ist.optimizer)
+        with _deepspeed_in_groups(topology, self.ist_config.group_size):
+            engine, optimizer, *prepared = super().prepare(self.ist.subnet, self.ist.optimizer, *rest)
+        self.zero_engine = engine
+        self.ist.hand_over(ZeroSubnet(engine))
+        self.ist_model.subnet = engine
+        self._models[self._models.index(engine)] = self.ist_model  # the run's model is the IST model
+        prepared = iter(prepared)
+        result = tuple(self.ist_model if a is model else optimizer if a is user_optimizer else next(prepared) for a in args)
+        return result if len(result) > 1 else result[0]
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """Accelerate's ``backward``; under DeepSpeed the engine steps in it, so the step is
+        counted here (elsewhere an optimizer hook counts it)."""
+        super().backward(loss, **kwargs)
+        if self.zero_engine is not None and self.sync_gradients:
+            self.ist.step_done()
 
     def _prepare_warmup(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> tuple[ISTModel, Any]:
         """Whole model, DDP over all ranks, the user's own optimizer, until the switch."""
@@ -233,7 +281,7 @@ class ISTAccelerator(Accelerator):
         model_params = sum(p.numel() for p in model.parameters())
         self.ist = IST(model, user_optimizer, self.ist_config, example_input=self.example_input, reduce_gradients=False)
         trained: nn.Module = self.ist.model
-        if self.ist.intra is not None:  # data parallel inside the group only
+        if self.ist.intra is not None and self.distributed_type != DistributedType.DEEPSPEED:  # DDP in the group
             kwargs = self.ddp_handler.to_kwargs() if self.ddp_handler is not None else {}
             kwargs.setdefault("broadcast_buffers", False)  # buffers are averaged at round ends
             trained = DistributedDataParallel(trained, device_ids=self._device_ids(), process_group=self.ist.intra,
@@ -295,10 +343,15 @@ class ISTAccelerator(Accelerator):
         automatic = self.project_configuration.automatic_checkpoint_naming
         self.project_configuration.automatic_checkpoint_naming = False  # the folder is ours to name
         try:
-            with self._hidden(optimizers=True):
+            with self._hidden(models=self.zero_engine is not None, optimizers=True):
                 super().save_state(str(partial), safe_serialization, **kwargs)
         finally:
             self.project_configuration.automatic_checkpoint_naming = automatic
+        if self.zero_engine is not None:  # Accelerate would save the group's engine; the run's model is global
+            weights = self.get_state_dict(self.ist_model)
+            name = "model.safetensors" if safe_serialization else "pytorch_model.bin"
+            save(weights, partial / name, save_on_each_node=self.project_configuration.save_on_each_node,
+                 safe_serialization=safe_serialization)
         partial.mkdir(parents=True, exist_ok=True)
         if self.ist is None:  # inside the data-parallel warm-up
             if self.is_main_process:
@@ -412,6 +465,39 @@ class ISTAccelerator(Accelerator):
         if self.ist is None:
             raise RuntimeError("call prepare(model, optimizer, ...) first")
         return self.ist
+
+
+def _deepspeed_plugin(kwargs: dict[str, Any]) -> DeepSpeedPlugin | None:
+    """The DeepSpeed plugin the Accelerator would build (argument or ``accelerate launch``
+    environment), built early so its config can be checked before any process group."""
+    plugin = kwargs.get("deepspeed_plugin")
+    if isinstance(plugin, dict):
+        raise ValueError("ISTAccelerator takes one DeepSpeedPlugin (one model per run), not a dict of plugins")
+    if plugin is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        plugin = DeepSpeedPlugin()
+    return plugin
+
+
+@contextlib.contextmanager
+def _deepspeed_in_groups(topology: Any, group_size: int) -> Iterator[None]:
+    """Inside Accelerate's DeepSpeed preparation (which fills the config's "auto" values),
+    hand ``deepspeed.initialize`` the group topology and the group's batch size: ZeRO's
+    data-parallel world is the subnet group, not all processes."""
+    import deepspeed
+
+    original = deepspeed.initialize
+
+    def initialize(**kwargs: Any) -> Any:
+        config = dict(kwargs["config_params"])
+        config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+                                      * group_size)
+        return original(**{**kwargs, "config_params": config, "mpu": topology})
+
+    deepspeed.initialize = initialize
+    try:
+        yield
+    finally:
+        deepspeed.initialize = original
 
 
 def _is_scheduler(obj: Any) -> bool:

@@ -30,7 +30,6 @@ from .decompose import Assignment, Piece, decompose, load_subnet, state_tensors
 from .exchange import CommStats, Exchange, Field, _positions
 from .preflight import check_setup
 from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTSyncError, inject
-from .reference import optimizer_state_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +59,46 @@ class Totals:
     compute_seconds: float = 0.0
     rounds: int = 0
     history: list[RoundMetrics] = field(default_factory=list)
+
+
+class SubnetTensors:
+    """Where a rank's subnet values live, read and written whole (unpartitioned), by
+    subnet name: by default the subnet module and its torch optimizer. A DeepSpeed engine
+    that partitions them inside the group has its own (:class:`ist_accel.zero.ZeroSubnet`)."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module, self.optimizer = module, optimizer
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers (looked up each time: ``module.to()`` may replace buffers)."""
+        return state_tensors(self.module)
+
+    def optimizer_state(self) -> dict[str, dict[str, Any]]:
+        """Per-parameter optimizer state by parameter name."""
+        return _state_by_name(self.optimizer, self.module)
+
+    def write(self, tensors: dict[str, torch.Tensor], state: dict[str, dict[str, Any]] | None = None) -> None:
+        """Copy ``tensors`` in; a given ``state`` replaces the optimizer state."""
+        local = state_tensors(self.module)
+        with torch.no_grad():
+            for name, value in tensors.items():
+                local[name].copy_(value)
+        if state is not None:
+            params = dict(self.module.named_parameters())
+            self.optimizer.state.clear()
+            for name, entries in state.items():
+                self.optimizer.state[params[name]] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                      for k, v in entries.items()}
+
+    def reset_optimizer_state(self) -> None:
+        """A fresh optimizer state (policy ``reset``)."""
+        self.optimizer.state.clear()
+
+    def resident_elements(self) -> int:
+        """Elements of parameters, gradients, buffers and optimizer state held here."""
+        n = sum(t.numel() for t in state_tensors(self.module).values())
+        n += sum(p.grad.numel() for p in self.module.parameters() if p.grad is not None)
+        return n + sum(v.numel() for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
 
 
 class IST:
@@ -120,6 +159,7 @@ class IST:
         )
         self._init_owner_shards(model)
         self.optimizer = self._make_optimizer(optimizer)
+        self.tensors = SubnetTensors(self.subnet, self.optimizer)
         self._hooks = [self.optimizer.register_step_post_hook(self._after_step)]
         if reduce_gradients and self.intra is not None:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._before_step))
@@ -136,6 +176,18 @@ class IST:
             self.release_global()
 
     # ---- the user-facing pieces ----------------------------------------------
+
+    def hand_over(self, tensors: SubnetTensors) -> None:
+        """Let another owner hold the subnet's values (a DeepSpeed engine, which partitions
+        them and steps its own optimizer): round ends read and write through ``tensors``,
+        and the integration calls :meth:`step_done` after each optimizer step."""
+        self.close()
+        self.tensors = tensors
+        self._take_snapshot()
+
+    def step_done(self) -> None:
+        """Count one optimizer step; every ``local_steps`` steps this ends the round."""
+        self._after_step(None, (), {})
 
     @property
     def model(self) -> nn.Module:
@@ -163,20 +215,21 @@ class IST:
     def _sync(self) -> RoundMetrics:
         compute = time.perf_counter() - self._round_started
         start = time.perf_counter()
-        self._check_round()
+        current = self._check_round()
         following = self.decomposition.assignment(self.round + 1)
         stats = CommStats()
         if self.intra is not None:
             self._average_buffers_in_group(stats)
-        fields = self._fields(following)
+        fields = self._fields(following, current[1])
         staged: dict[str, torch.Tensor] = {}
-        self._read_cache = (self._local, self._params)
+        self._read_cache = current
         stats.add(self.exchange.run(fields, self._read, staged.__setitem__, self.round))
         inject("sync", self.rank, self.steps)
         next_pieces = self.decomposition.pieces(following, self.group_index)
+        self._read_cache = None
         self._apply(staged, next_pieces)
         if self.config.optimizer_state == "reset":
-            self.optimizer.state.clear()
+            self.tensors.reset_optimizer_state()
         seconds = time.perf_counter() - start  # the exchange itself, not the bookkeeping below
         lower = self._lower_bound(fields)
         self.assignment, self.pieces = following, next_pieces
@@ -211,15 +264,16 @@ class IST:
             "model": self._model_hash,
         }
 
-    def _check_round(self) -> None:
+    def _check_round(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
         """One all-reduce of a few integers: max and min of every agreement field, and a
         per-group flag for non-finite subnets. Every rank sees the same result, so every
-        rank raises (or skips) alike."""
+        rank raises (or skips) alike. Returns the subnet's values and optimizer state."""
+        current = self._current()
         fields = self._agreement_fields()
         S = self.config.num_subnets
         mine = torch.tensor(list(fields.values()), dtype=torch.int64)
         bad = torch.zeros(S, dtype=torch.int64)
-        bad[self.group_index] = int(not self._finite())
+        bad[self.group_index] = int(not _finite(*current))
         payload = torch.cat([mine, -mine, bad]).to(self.device)
         dist.all_reduce(payload, op=dist.ReduceOp.MAX)
         payload = payload.cpu()
@@ -231,51 +285,35 @@ class IST:
                     f"{low}..{high}): every rank must run the same config, seed, model and step count")
         groups = payload[2 * k :].nonzero().flatten().tolist()
         if not groups:
-            return
+            return current
         where = f"round {self.round} (step {self.steps}): subnet group(s) {groups} hold NaN/Inf"
         if self.config.nonfinite == "raise":
             raise ISTNonFiniteError(f"{where}; nothing was averaged (nonfinite='raise'; 'skip' drops such updates)")
         logger.warning("%s; their updates of this round are dropped (nonfinite='skip')", where)
         if self.group_index in groups:
             self._restore_snapshot()
+            return self._current()
+        return current
 
-    def _finite(self) -> bool:
-        tensors = list(self._local.values())
-        if self.config.optimizer_state == "carry":
-            tensors += [v for st in self.optimizer.state.values() for v in st.values()
-                        if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    def _current(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+        """The subnet's values and (policy ``carry``) optimizer state, whole."""
+        carry = self.config.optimizer_state == "carry"
+        return self.tensors.tensors(), self.tensors.optimizer_state() if carry else {}
 
     def _take_snapshot(self) -> None:
         """Policy ``skip`` keeps the round's starting values (a subnet's worth of memory)."""
         if self.config.nonfinite != "skip":
             return
         self._snapshot = (
-            {n: t.detach().clone() for n, t in self._local.items()},
+            {n: t.detach().clone() for n, t in self.tensors.tensors().items()},
             {n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-             for n, st in _state_by_name(self.optimizer, self.subnet).items()},
+             for n, st in self.tensors.optimizer_state().items()},
         )
 
     def _restore_snapshot(self) -> None:
         """Drop this group's update of the round: back to the values it started with."""
         tensors, state = self._snapshot
-        with torch.no_grad():
-            for name, value in tensors.items():
-                self._local[name].copy_(value)
-        params = self._params
-        self.optimizer.state.clear()
-        for name, st in state.items():
-            self.optimizer.state[params[name]] = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                                  for k, v in st.items()}
-
-    @property
-    def _local(self) -> dict[str, torch.Tensor]:
-        # looked up each time: ``module.to()`` may replace buffer objects (Accelerate's prepare does)
-        return state_tensors(self.subnet)
-
-    @property
-    def _params(self) -> dict[str, nn.Parameter]:
-        return dict(self.subnet.named_parameters())
+        self.tensors.write(tensors, state)
 
     def exclude_from_compute(self, seconds: float) -> None:
         """Leave ``seconds`` (an evaluation inside the round, say) out of the round's compute time."""
@@ -288,7 +326,7 @@ class IST:
 
     def subnet_numel(self) -> int:
         """Parameters in this rank's subnet."""
-        return sum(p.numel() for p in self.subnet.parameters())
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.subnet.parameters())  # ZeRO-3: unpartitioned
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's part of the run: round, step, subnet tensors, optimizer state and
@@ -300,8 +338,10 @@ class IST:
             "rank": self.rank,
             "round": self.round,
             "steps": self.steps,
-            "subnet": {n: t.detach().clone() for n, t in self._local.items()},
-            "optimizer": self.optimizer.state_dict(),
+            "subnet": {n: t.detach().clone() for n, t in self.tensors.tensors().items()},
+            "optimizer": {n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                          for n, st in self.tensors.optimizer_state().items()},
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
             "owners": {n: v.clone() for n, v in self.exchange.owners.values.items()},
             "owner_rows": {n: list(r) for n, r in self.exchange.owners.rows.items()},
             "totals": dataclasses.asdict(self.totals),
@@ -320,18 +360,17 @@ class IST:
             if state[key] != value:
                 raise ValueError(f"checkpoint was written with {key}={state[key]}, this run has {key}={value}")
         owners = self.exchange.owners
-        if set(state["subnet"]) != set(self._local) or not set(owners.values) <= set(state["owners"]):
+        if set(state["subnet"]) != set(self.tensors.tensors()) or not set(owners.values) <= set(state["owners"]):
             raise ValueError("checkpoint's subnet tensors differ from this run's subnet (another model?)")
         self.round, self.steps = state["round"], state["steps"]
         self.assignment = self.decomposition.assignment(self.round)
         self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
-        with torch.no_grad():
-            for name, value in state["subnet"].items():
-                self._local[name].copy_(value)
-            for name, value in state["owners"].items():  # optimizer-state shards appear at the first sync
-                owners.rows[name] = tuple(state["owner_rows"][name])
-                owners.values[name] = value.to(owners.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.tensors.write(state["subnet"], state["optimizer"])
+        for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):
+            group.update(saved)  # learning rates as the scheduler left them
+        for name, value in state["owners"].items():  # optimizer-state shards appear at the first sync
+            owners.rows[name] = tuple(state["owner_rows"][name])
+            owners.values[name] = value.to(owners.device)
         totals = dict(state["totals"])
         totals["history"] = [RoundMetrics(**m) for m in totals["history"]]
         self.totals = Totals(**totals)
@@ -346,8 +385,8 @@ class IST:
         names = list(self.global_shapes)
         state = {n: torch.zeros(self.global_shapes[n][0], dtype=torch.float64, device=self.device) for n in names}
         filled = {n: torch.zeros(self.global_shapes[n][0], dtype=torch.bool, device=self.device) for n in names}
+        local = self.tensors.tensors()  # every rank: a partitioned subnet is assembled in the group
         if self.is_leader:
-            local = state_tensors(self.subnet)
             for piece in self.pieces:
                 _scatter(state[piece.global_name], piece, local[piece.subnet_name])
                 _scatter(filled[piece.global_name], piece, torch.ones_like(local[piece.subnet_name], dtype=torch.bool))
@@ -430,9 +469,7 @@ class IST:
     def resident_elements(self) -> int:
         """Tensor elements this rank keeps: subnet parameters, gradients, optimizer state,
         buffers, owner shards and whatever remains of the global model."""
-        n = sum(t.numel() for t in state_tensors(self.subnet).values())
-        n += sum(p.grad.numel() for p in self.subnet.parameters() if p.grad is not None)
-        n += sum(v.numel() for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+        n = self.tensors.resident_elements()
         n += self.exchange.owners.numel()
         n += sum(t.numel() for t in state_tensors(self.model_global).values())
         return n
@@ -458,7 +495,7 @@ class IST:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.steps += 1
-        inject("step", self.rank, self.steps, self._local.values())
+        inject("step", self.rank, self.steps, self.tensors.tensors().values())
         if self.steps % self.config.local_steps == 0:
             self.sync()
 
@@ -516,7 +553,7 @@ class IST:
             for t in state_tensors(self.model_global).values():
                 t.data = torch.empty(0, dtype=t.dtype)
 
-    def _fields(self, following: Assignment) -> list[Field]:
+    def _fields(self, following: Assignment, state: dict[str, dict[str, Any]]) -> list[Field]:
         d, S = self.decomposition, self.config.num_subnets
         now = [d.pieces(self.assignment, s) for s in range(S)]
         nxt = [d.pieces(following, s) for s in range(S)]
@@ -528,18 +565,18 @@ class IST:
                 fields[p.global_name].next[s] = p
         out = list(fields.values())
         if self.config.optimizer_state == "carry":
-            out += self._state_fields(fields)
+            out += self._state_fields(fields, state)
         return out
 
-    def _state_fields(self, fields: dict[str, Field]) -> list[Field]:
+    def _state_fields(self, fields: dict[str, Field], state: dict[str, dict[str, Any]]) -> list[Field]:
         """Optimizer-state entries travel like their parameters (policy ``carry``).
 
         The field list must be the same on every rank, so it is derived from the global
         parameter list and the optimizer's state keys, not from what this rank holds.
         """
         keys: dict[str, torch.Tensor] = {}
-        for entries in optimizer_state_by_name(self.optimizer, self.subnet).values():
-            keys.update({k: v for k, v in entries.items() if k not in keys})
+        for entries in state.values():
+            keys.update({k: v for k, v in entries.items() if k not in keys and isinstance(v, torch.Tensor)})
         params = [n for n, _ in self.model_global.named_parameters()]
         out = []
         for gname in params:
@@ -560,9 +597,10 @@ class IST:
         piece = self._held.get(gname)
         if piece is None:
             return None
+        tensors, state = self._read_cache
         if not key:
-            return self._read_cache[0][piece.subnet_name].detach()
-        return self.optimizer.state[self._read_cache[1][piece.subnet_name]][key]
+            return tensors[piece.subnet_name].detach()
+        return state[piece.subnet_name][key]
 
     @property
     def pieces(self) -> list[Piece]:
@@ -576,20 +614,17 @@ class IST:
 
     def _apply(self, staged: dict[str, torch.Tensor], next_pieces: list[Piece]) -> None:
         by_global = {p.global_name: p for p in next_pieces}
-        local, params = self._local, self._params
-        new_state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
-        with torch.no_grad():
-            for field_name, value in staged.items():
-                gname, _, key = field_name.partition(":")
-                piece = by_global[gname]
-                if not key:
-                    local[piece.subnet_name].copy_(value)
-                else:
-                    new_state.setdefault(params[piece.subnet_name], {})[key] = value.clone()
-        if self.config.optimizer_state == "carry" and staged:
-            self.optimizer.state.clear()
-            for p, st in new_state.items():
-                self.optimizer.state[p] = st
+        tensors: dict[str, torch.Tensor] = {}
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for field_name, value in staged.items():
+            gname, _, key = field_name.partition(":")
+            name = by_global[gname].subnet_name
+            if not key:
+                tensors[name] = value
+            else:
+                state.setdefault(name, {})[key] = value
+        carry = self.config.optimizer_state == "carry" and bool(staged)
+        self.tensors.write(tensors, state if carry else None)
 
     def _average_buffers_in_group(self, stats: CommStats) -> None:
         buffers = [b for b in self.subnet.buffers() if b.is_floating_point()]
@@ -611,6 +646,11 @@ class IST:
         esize = torch.tensor([], dtype=self.exchange.wire).element_size()
         total = sum(float(tensor_bound(f.shape, f.now, f.next, S)[0][me]) for f in fields)
         return total * esize / self.config.group_size
+
+
+def _finite(tensors: dict[str, torch.Tensor], state: dict[str, dict[str, Any]]) -> bool:
+    values = [*tensors.values(), *(v for st in state.values() for v in st.values() if isinstance(v, torch.Tensor))]
+    return all(bool(torch.isfinite(t).all()) for t in values if t.is_floating_point())
 
 
 def _state_by_name(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, dict[str, Any]]:
@@ -646,4 +686,4 @@ def _scatter(target: torch.Tensor, piece: Piece, value: torch.Tensor) -> None:
         target.index_put_(piece._grid(target), value.to(target.dtype))
 
 
-__all__ = ["IST", "RoundMetrics", "Totals"]
+__all__ = ["IST", "RoundMetrics", "SubnetTensors", "Totals"]

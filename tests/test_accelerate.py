@@ -122,9 +122,10 @@ def test_bad_setups_fail_before_any_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="dense_warmup_steps must be an integer >= 0, got -1"):
         ISTAccelerator(ISTConfig(num_subnets=2), dense_warmup_steps=-1)
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ValueError, match="DeepSpeed and FSDP plugins are not supported"):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="ISTAccelerator does not run under FSDP"):
         ISTAccelerator(ISTConfig(num_subnets=2))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
     with pytest.raises(TypeError, match="ist_config must be an ist_accel.ISTConfig, got dict"):
         ISTAccelerator({"num_subnets": 2})
     assert not dist.is_initialized()

@@ -26,13 +26,23 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=0, help="data-parallel warm-up steps before IST")
     ap.add_argument("--mixed-precision", default="no")
+    ap.add_argument("--zero-stage", type=int, default=0, help="DeepSpeed ZeRO stage inside each group (0: no DeepSpeed)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                        optimizer_state=args.policy, seed=5)
-    accelerator = ISTAccelerator(config, cpu=True, gradient_accumulation_steps=args.accum,
-                                 dense_warmup_steps=args.warmup, mixed_precision=args.mixed_precision)
+    kwargs = {"cpu": True}
+    if args.zero_stage:  # clipping moves into DeepSpeed's config; partition even these tiny tensors
+        from accelerate.utils import DeepSpeedPlugin
+
+        batch = len(batch_for(args.model, 0, 0, 0)[1])
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config={
+            "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": args.accum,
+            "gradient_clipping": 1.0, "steps_per_print": 10**9,
+            "zero_optimization": {"stage": args.zero_stage, "stage3_param_persistence_threshold": 0}})
+    accelerator = ISTAccelerator(config, gradient_accumulation_steps=args.accum, dense_warmup_steps=args.warmup,
+                                 mixed_precision=args.mixed_precision, **kwargs)
     world = accelerator.num_processes
     model = make_model(args.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -67,8 +77,15 @@ def main() -> None:
     if accelerator.is_main_process:
         torch.save({"global": {k: v.clone() for k, v in state.items()}, "before": before, "logits": logits}, os.path.join(args.out, "global.pt"))
     with open(os.path.join(args.out, f"rank{accelerator.process_index}.json"), "w") as f:
+        zero = {}
+        if args.zero_stage:
+            tensors = accelerator.ist.tensors
+            zero = {"optimizer_state_elements": tensors.optimizer_state_elements(),
+                    "state_keys": tensors._state_keys(), "subnet_numel": accelerator.ist.subnet_numel(),
+                    "zero_stage": accelerator.zero_engine.zero_optimization_stage(),
+                    "dp_world_size": accelerator.zero_engine.dp_world_size}
         json.dump({"lrs": lrs, "rounds": accelerator.ist.round, "steps": accelerator.ist.steps,
-                   "micro_batches": args.rounds * args.local_steps * args.accum}, f)
+                   "micro_batches": args.rounds * args.local_steps * args.accum, **zero}, f)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     sys.stdout.flush()

@@ -1,0 +1,227 @@
+"""DeepSpeed ZeRO inside each subnet group, IST across the groups.
+
+Each group of G ranks trains its subnet with one DeepSpeed engine, built once per run
+(subnets keep their shapes from round to round). ZeRO partitions the fp32 master weights,
+gradients and optimizer state over the group's G ranks only: ``deepspeed.initialize`` gets
+a topology (:class:`GroupTopology`, DeepSpeed's ``mpu``) whose data-parallel group is the
+subnet group. IST's round end (IST Alg. 1, ResIST Alg. 1) then runs on whole tensors:
+:class:`ZeroSubnet` assembles them with DeepSpeed's ``safe_get_full_fp32_param`` /
+``safe_get_full_optimizer_state`` and writes the next round's values back with
+``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``. The module's own copy
+is refreshed too: a plain copy under ZeRO-1/2 (where module parameters are whole on every
+rank) and ``GatheredParameters(modifier_rank=0)`` under ZeRO-3 (which re-partitions it).
+All of that is collective inside the group only (fast links); across groups only the
+subnets move, every ``local_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .decompose import state_tensors
+from .round import IST, SubnetTensors
+
+STAGES = (1, 2, 3)
+
+
+def check_deepspeed_config(config: Mapping[str, Any], group_size: int, mixed_precision: str | None = None) -> None:
+    """Refuse DeepSpeed settings that cannot work with IST, before any process group exists.
+
+    ZeRO must partition inside a subnet group, every optimizer step must be taken by
+    every group (a skipped fp16 step would desynchronize the rounds), and the optimizer
+    is the user's torch optimizer, mirrored over the subnet."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"DeepSpeed config must be a dict (or a JSON file's contents), got {type(config).__name__}")
+    zero = config.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0)
+    if stage not in STAGES:
+        raise ValueError(f"zero_optimization.stage={stage!r}: IST runs ZeRO stage 1, 2 or 3 inside each group "
+                         "(without ZeRO, launch without DeepSpeed: the group then trains its subnet under DDP)")
+    if config.get("pipeline") or config.get("pipeline_parallel_size", 1) not in (1, None):
+        raise ValueError("DeepSpeed pipeline parallelism cannot be combined with IST: a subnet is trained whole "
+                         "by its group; remove the 'pipeline' settings")
+    tp = (config.get("tensor_parallel") or {}).get("autotp_size", 0) or 0
+    if tp > 1:
+        raise ValueError(f"tensor_parallel.autotp_size={tp}: IST subnets are not tensor-parallel; use 0 or 1")
+    if config.get("sequence_parallel_size", 1) not in (1, None):
+        raise ValueError("DeepSpeed sequence parallelism is not supported with IST; remove sequence_parallel_size")
+    for key in ("zero_hpz_partition_size", "mics_shard_size"):
+        value = zero.get(key)
+        if value not in (None, -1, 0, 1) and (not isinstance(value, int) or group_size % value):
+            raise ValueError(f"zero_optimization.{key}={value!r} would make ZeRO groups span subnets; "
+                             f"it must divide the group size {group_size}")
+    fp16 = (config.get("fp16") or {}).get("enabled", False)
+    if fp16 is True or mixed_precision == "fp16":
+        raise ValueError("fp16 with DeepSpeed skips optimizer steps on overflow, which would put the subnet groups "
+                         "out of step; use bf16 (or fp32)")
+    if "optimizer" in config:
+        raise ValueError("remove the 'optimizer' block from the DeepSpeed config: IST mirrors your torch optimizer "
+                         "over each subnet and hands it to DeepSpeed")
+    if "scheduler" in config:
+        raise ValueError("remove the 'scheduler' block from the DeepSpeed config: pass your torch scheduler to "
+                         "prepare(), it is retargeted to the subnet's optimizer")
+
+
+class GroupTopology:
+    """DeepSpeed's ``mpu`` for IST: data parallel inside this rank's subnet group, no model
+    parallelism (every rank is its own model-parallel group of one)."""
+
+    def __init__(self, ist: IST) -> None:
+        G, world = ist.config.group_size, dist.get_world_size()
+        timeout = datetime.timedelta(seconds=ist.config.sync_timeout)
+        singles = [dist.new_group([r], timeout=timeout) for r in range(world)]  # every rank creates every group
+        self._single = singles[ist.rank]
+        self._group = ist.intra if ist.intra is not None else self._single
+        self._ranks = list(range(ist.group_index * G, (ist.group_index + 1) * G))
+        self._replica, self._size = ist.replica, G
+
+    def get_data_parallel_group(self) -> Any:
+        return self._group
+
+    def get_data_parallel_rank(self) -> int:
+        return self._replica
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._size
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self._ranks)
+
+    def get_model_parallel_group(self) -> Any:
+        return self._single
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+
+def _is_zero3(param: nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+class ZeroSubnet(SubnetTensors):
+    """The subnet's values as a DeepSpeed engine holds them (partitioned inside the group).
+
+    Every method is collective over the group: all its ranks call them in the same order,
+    which IST's round end does."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine.module, engine.optimizer)
+        self.engine = engine
+        # the torch optimizer DeepSpeed steps over the flat fp32 partitions
+        self.base = engine.optimizer.optimizer
+
+    @contextlib.contextmanager
+    def _gathered(self, params: list[nn.Parameter], modify: bool = False) -> Iterator[None]:
+        z3 = [p for p in params if _is_zero3(p)]
+        if not z3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(z3, modifier_rank=0 if modify else None):
+            yield
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = dict(self.module.named_parameters())
+        out: dict[str, torch.Tensor] = {}
+        frozen = [p for p in params.values() if not p.requires_grad]
+        with self._gathered(frozen):
+            for name, tensor in state_tensors(self.module).items():
+                param = params.get(name)
+                if param is None:
+                    out[name] = tensor  # buffers are whole and not partitioned
+                elif param.requires_grad:
+                    out[name] = safe_get_full_fp32_param(param).view(param.ds_shape if _is_zero3(param) else param.shape)
+                else:
+                    out[name] = param.detach().clone().float()
+        return out
+
+    def _state_keys(self) -> list[str]:
+        """Per-element optimizer-state entries (a scalar ``step`` is the same in every group)."""
+        keys = {k for st in self.base.state.values() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
+        return sorted(keys)
+
+    def optimizer_state(self) -> dict[str, dict[str, Any]]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        keys = self._state_keys()
+        out: dict[str, dict[str, Any]] = {}
+        for name, param in self.module.named_parameters():
+            if param.requires_grad and keys:
+                shape = param.ds_shape if _is_zero3(param) else param.shape
+                out[name] = {k: safe_get_full_optimizer_state(param, k).view(shape) for k in keys}
+        return out
+
+    def write(self, tensors: dict[str, torch.Tensor], state: dict[str, dict[str, Any]] | None = None) -> None:
+        params = dict(self.module.named_parameters())
+        buffers = {n: t for n, t in state_tensors(self.module).items() if n not in params}
+        updated = {n: params[n] for n in tensors if n in params}
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if name in buffers:
+                    buffers[name].copy_(value)
+                elif params[name].requires_grad:
+                    _set_master(params[name], value)
+            with self._gathered(list(updated.values()), modify=True):  # the module's copy (ZeRO-3: re-partitioned)
+                for name, param in updated.items():
+                    param.data.copy_(tensors[name].view_as(param.data).to(param.dtype))
+        if state is None:
+            return
+        keys = self._state_keys()
+        for name, entries in state.items():
+            for key, value in entries.items():
+                if key in keys:
+                    _set_master(params[name], value, key)
+
+    def reset_optimizer_state(self) -> None:
+        """Zeroing the state in place equals a fresh one for SGD (no dampening) and Adam(W):
+        their first step from zeros computes what their first step from nothing does."""
+        with torch.no_grad():
+            for st in self.base.state.values():
+                for value in st.values():
+                    if torch.is_tensor(value):
+                        value.zero_()
+
+    def optimizer_state_elements(self) -> int:
+        """Optimizer-state elements this rank holds (its ZeRO partition)."""
+        return sum(v.numel() for st in self.base.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+
+    def resident_elements(self) -> int:
+        n = sum(getattr(p, "ds_tensor", p).numel() for p in self.module.parameters())
+        n += sum(b.numel() for b in self.module.buffers())
+        groups = getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None) or getattr(
+            self.engine.optimizer, "fp32_partitioned_groups_flat", None) or []
+        n += sum(t.numel() for t in groups)  # fp32 master partitions (gradients are freed between steps)
+        return n + self.optimizer_state_elements()
+
+
+def _set_master(param: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """Write the whole ``value`` into the fp32 master weights (``key``: that optimizer-state
+    entry) of ``param``, wherever ZeRO keeps them. Under ZeRO-3 this rank writes its own
+    partition with the local API: DeepSpeed 0.19's ``safe_set_full_*`` rejects tensors whose
+    size the group does not divide."""
+    from deepspeed import utils
+
+    flat = value.detach().float().flatten()
+    if not _is_zero3(param):
+        utils.safe_set_full_fp32_param(param, flat) if key is None else utils.safe_set_full_optimizer_state(param, flat, key)
+        return
+    size, group = param.ds_tensor.numel(), param.ds_process_group
+    padded = torch.nn.functional.pad(flat, (0, size * dist.get_world_size(group) - flat.numel()))
+    mine = padded.narrow(0, size * dist.get_rank(group), size)
+    utils.safe_set_local_fp32_param(param, mine) if key is None else utils.safe_set_local_optimizer_state(param, mine, key)
+
+
+__all__ = ["GroupTopology", "ZeroSubnet", "check_deepspeed_config"]

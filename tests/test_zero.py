@@ -1,0 +1,89 @@
+"""DeepSpeed ZeRO inside each subnet group, IST across the groups: S=2 x G=2 on four CPU
+processes (DeepSpeed's CPU accelerator, gloo), ZeRO-1/2/3 under both optimizer-state
+policies. After 3 rounds the global model equals the single-process reference, and each
+rank holds only its group's partition of the optimizer state."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "workers"))
+from launch import torchrun  # noqa: E402
+from test_accelerate import ACCUM, LOCAL_STEPS, ROUNDS, reference  # noqa: E402
+
+from ist_accel import ISTConfig  # noqa: E402
+from ist_accel.zero import check_deepspeed_config  # noqa: E402
+
+S, G = 2, 2
+
+
+@pytest.fixture(scope="module")
+def shm_op():
+    """DeepSpeed JIT-compiles its CPU shared-memory comm op at the first initialize; build
+    it once here (cached under TORCH_EXTENSIONS_DIR) rather than in four racing workers."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load()
+
+
+CASES = [(1, "reset"), (1, "carry"), (2, "reset"), (2, "carry"), (3, "reset"), (3, "carry")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,policy", CASES, ids=[f"zero{s}-{p}" for s, p in CASES])
+def test_zero_inside_groups_matches_reference(tmp_path, shm_op, stage, policy):
+    proc = torchrun("accel_worker.py", S * G, ["--model", "mlp", "--num-subnets", str(S), "--group-size", str(G),
+                                              "--policy", policy, "--rounds", str(ROUNDS), "--local-steps",
+                                              str(LOCAL_STEPS), "--accum", str(ACCUM), "--zero-stage", str(stage),
+                                              "--out", str(tmp_path)], timeout=600, env={"HF_HUB_OFFLINE": "1"})
+    ranks = [tmp_path / f"rank{r}.json" for r in range(S * G)]
+    assert all(p.exists() for p in ranks) and (tmp_path / "global.pt").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
+    got = torch.load(tmp_path / "global.pt")
+    expected, expected_logits = reference("mlp", S, G, policy)
+    for key, value in expected.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got["global"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(got["logits"], expected_logits, rtol=1e-5, atol=1e-5)
+    for r in map(json.loads, (p.read_text() for p in ranks)):
+        assert (r["zero_stage"], r["dp_world_size"]) == (stage, G)  # ZeRO spans the group, not the world
+        assert (r["rounds"], r["steps"]) == (ROUNDS, ROUNDS * LOCAL_STEPS)
+        assert r["state_keys"] == ["momentum_buffer"]
+        # this rank's partition: about subnet / G elements per state entry (plus alignment padding)
+        share = r["subnet_numel"] / G
+        assert share <= r["optimizer_state_elements"] <= share + 16, r
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"zero_optimization": {"stage": 0}}, "ZeRO stage 1, 2 or 3 inside each group"),
+    ({"zero_optimization": {"stage": 2}, "pipeline": {"stages": 2}}, "pipeline parallelism cannot be combined"),
+    ({"zero_optimization": {"stage": 2}, "tensor_parallel": {"autotp_size": 2}}, "autotp_size=2"),
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 4}}, "would make ZeRO groups span subnets"),
+    ({"zero_optimization": {"stage": 3, "mics_shard_size": 3}}, "mics_shard_size=3"),
+    ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, "use bf16"),
+    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, "remove the 'optimizer' block"),
+    ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, "remove the 'scheduler' block"),
+])
+def test_unworkable_deepspeed_configs_are_refused(config, match):
+    with pytest.raises(ValueError, match=match):
+        check_deepspeed_config(config, group_size=2)
+
+
+def test_bad_deepspeed_setup_fails_before_any_process_group(monkeypatch):
+    import torch.distributed as dist
+    from accelerate.utils import DeepSpeedPlugin
+
+    from ist_accel import ISTAccelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 4}})
+    with pytest.raises(ValueError, match="zero_hpz_partition_size=4 would make ZeRO groups span subnets"):
+        ISTAccelerator(ISTConfig(num_subnets=2, group_size=2), deepspeed_plugin=plugin)
+    plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 2}})
+    with pytest.raises(ValueError, match="fp16 with DeepSpeed skips optimizer steps"):
+        ISTAccelerator(ISTConfig(num_subnets=2, group_size=2), deepspeed_plugin=plugin, mixed_precision="fp16")
+    with pytest.raises(ValueError, match="dense_warmup_steps is not supported under DeepSpeed"):
+        ISTAccelerator(ISTConfig(num_subnets=2, group_size=2), deepspeed_plugin=plugin, dense_warmup_steps=2)
+    assert not dist.is_initialized()
