@@ -100,6 +100,12 @@ class ISTModel(nn.Module):
             object.__setattr__(self, "_global_view", None)
             self.ist.exclude_from_compute(time.perf_counter() - self._eval_started)  # evaluation is not training
 
+    def save_checkpoint(self, save_dir: str, *args: Any, **kwargs: Any) -> bool:
+        """What the HF Trainer asks of a DeepSpeed engine at a checkpoint. A group's engine
+        holds only its subnet, so nothing is written here: the global model and every rank's
+        IST state (subnet, optimizer state, round) are saved beside it by ISTTrainer."""
+        return True
+
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Gradient accumulation without the group's all-reduce (Accelerate calls this)."""
         if isinstance(self.subnet, DistributedDataParallel):

@@ -28,7 +28,7 @@ import torch
 import transformers
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
-from .accelerate import RANK_STATE, ISTAccelerator, ISTModel
+from .accelerate import RANK_STATE, ISTAccelerator, ISTModel, _retarget_scheduler
 from .config import ISTConfig
 
 logger = logging.getLogger(__name__)
@@ -100,9 +100,29 @@ class ISTTrainerMixin:
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         # Called right after accelerator.prepare(model, optimizer): from here on the Trainer's
         # model is the prepared IST model (the subnet in training, the global model in eval).
+        ist = self.accelerator.ist
         if self.accelerator.ist_model is not None and self.model is not self.accelerator.ist_model:
             self.model = self.accelerator.ist_model
+        if ist is not None and self.lr_scheduler is not None and self.lr_scheduler.optimizer is not ist.optimizer:
+            # under DeepSpeed the scheduler was built on the global optimizer before prepare()
+            _retarget_scheduler(self.lr_scheduler, ist.optimizer)
         return super().create_scheduler(num_training_steps, optimizer)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``. Under DeepSpeed the Trainer resumes by loading the engine's own
+        checkpoint; a group's engine holds one subnet, so IST's per-rank state (restored in
+        ``_load_optimizer_and_scheduler``) takes its place."""
+        module = transformers.trainer
+        original = module.deepspeed_load_checkpoint
+
+        def load(engine: Any, checkpoint: str, **kw: Any) -> Any:
+            return None if isinstance(engine, ISTModel) else original(engine, checkpoint, **kw)
+
+        module.deepspeed_load_checkpoint = load
+        try:
+            return super().train(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            module.deepspeed_load_checkpoint = original
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's log, with the last round's IST metrics (so every reporter gets them)."""

@@ -58,13 +58,23 @@ def reference(S, G, policy, decomposition, linear=False):
     return model, ref.decomposition
 
 
-@pytest.mark.parametrize("S,G,policy,decomposition,scheduler", [
-    (2, 1, "reset", "layers", "linear"), (2, 1, "carry", "heads", "constant"), (2, 2, "reset", "layers", "constant")])
-def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, scheduler):
+TRAINER_CASES = [(2, 1, "reset", "layers", "linear", 0), (2, 1, "carry", "heads", "constant", 0),
+                 (2, 2, "reset", "layers", "constant", 0),
+                 # TrainingArguments(deepspeed=...): ZeRO inside each group of 2, IST across the 2 groups
+                 (2, 2, "reset", "layers", "linear", 2), (2, 2, "carry", "heads", "constant", 3)]
+
+
+@pytest.mark.parametrize("S,G,policy,decomposition,scheduler,zero", TRAINER_CASES,
+                         ids=[f"S{s}xG{g}-{p}-{d}-{sch}" + (f"-zero{z}" if z else "") for s, g, p, d, sch, z in TRAINER_CASES])
+def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, scheduler, zero):
+    if zero:
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        ShareMemCommBuilder().load()  # DeepSpeed's CPU comm op, built once here, not in every worker
     proc = torchrun("trainer_worker.py", S * G, ["--num-subnets", str(S), "--group-size", str(G), "--policy", policy,
                                                 "--decomposition", decomposition, "--lr-scheduler", scheduler,
-                                                "--out", str(tmp_path)],
-                    env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
+                                                "--zero-stage", str(zero), "--out", str(tmp_path)],
+                    timeout=600, env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
     assert (tmp_path / "result.json").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["rounds"], result["steps"]) == (STEPS // LOCAL, STEPS)  # accumulation counts optimizer steps
@@ -84,10 +94,13 @@ def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, schedu
     assert {"ist/round", "ist/bytes_sent_total", "ist/bytes_lower_total", "ist/sync_seconds", "loss"} <= logged
 
 
-def test_save_steps_and_resume_from_checkpoint_continue_exactly(tmp_path):
+@pytest.mark.parametrize("zero", [0, 2], ids=["ddp", "zero2"])
+def test_save_steps_and_resume_from_checkpoint_continue_exactly(tmp_path, zero):
     """Checkpoints every round (save_steps = local_steps); a second run resumed from the
-    step-4 checkpoint ends with the parameters of the first; W&B (offline) gets IST metrics."""
-    common = ["--policy", "carry", "--decomposition", "heads", "--save-steps", "2", "--lr-scheduler", "linear"]
+    step-4 checkpoint ends with the parameters of the first; W&B (offline) gets IST metrics.
+    With DeepSpeed (ZeRO-2, G=1) the Trainer's engine checkpoint is replaced by IST's state."""
+    common = ["--policy", "carry", "--decomposition", "heads", "--save-steps", "2", "--lr-scheduler", "linear",
+              "--zero-stage", str(zero)]
     env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
     first = torchrun("trainer_worker.py", 2, [*common, "--report-to", "wandb", "--out", str(tmp_path / "a")], env=env)
     assert (tmp_path / "a" / "result.json").exists(), first.stderr[-5000:]

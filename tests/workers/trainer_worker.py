@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--resume", default=None)
     ap.add_argument("--report-to", default="none")
     ap.add_argument("--lr-scheduler", default="constant")
+    ap.add_argument("--zero-stage", type=int, default=0, help="DeepSpeed ZeRO stage inside each group (0: none)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -55,7 +56,11 @@ def main() -> None:
         weight_decay=0.0, max_grad_norm=0.0, optim="sgd", use_cpu=True, report_to=args.report_to,
         logging_steps=args.local_steps, save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500, dataloader_drop_last=True, seed=0, disable_tqdm=True,
-        run_name="ist-trainer-test")
+        run_name="ist-trainer-test",
+        deepspeed={"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                   "train_batch_size": "auto", "gradient_clipping": "auto",
+                   "zero_optimization": {"stage": args.zero_stage, "stage3_param_persistence_threshold": 0}}
+        if args.zero_stage else None)
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                        optimizer_state=args.policy, decomposition=args.decomposition, seed=5)
     trainer = InOrder(model=make_model("gpt2"), args=training_args, ist_config=config,
