@@ -17,7 +17,8 @@ from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTSyncError
 from .plan import Plan, make_plan
 from .preflight import check_setup
 from .reference import ReferenceIST
-from .round import IST, RoundMetrics
+from .round import IST, RoundMetrics, SubnetTensors
+from .zero import GroupTopology, ZeroSubnet, check_deepspeed_config
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "Assignment",
     "CheckpointError",
     "Decomposition",
+    "GroupTopology",
     "IST",
     "ISTAccelerator",
     "ISTAgreementError",
@@ -40,6 +42,9 @@ __all__ = [
     "ResidualDecomposition",
     "RoundMetrics",
     "RoundBytes",
+    "SubnetTensors",
+    "ZeroSubnet",
+    "check_deepspeed_config",
     "check_setup",
     "decompose",
     "find_residual_stages",

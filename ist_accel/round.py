@@ -94,6 +94,17 @@ class SubnetTensors:
         """A fresh optimizer state (policy ``reset``)."""
         self.optimizer.state.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The subnet and its optimizer state, for a checkpoint of this rank."""
+        return {"subnet": {n: t.detach().clone() for n, t in self.tensors().items()},
+                "optimizer": {n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                              for n, st in self.optimizer_state().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "optimizer" not in state:
+            raise ValueError("this IST checkpoint was written under DeepSpeed: resume it under the same DeepSpeed setup")
+        self.write(state["subnet"], state["optimizer"])
+
     def resident_elements(self) -> int:
         """Elements of parameters, gradients, buffers and optimizer state held here."""
         n = sum(t.numel() for t in state_tensors(self.module).values())
@@ -338,9 +349,7 @@ class IST:
             "rank": self.rank,
             "round": self.round,
             "steps": self.steps,
-            "subnet": {n: t.detach().clone() for n, t in self.tensors.tensors().items()},
-            "optimizer": {n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-                          for n, st in self.tensors.optimizer_state().items()},
+            **self.tensors.state_dict(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
             "owners": {n: v.clone() for n, v in self.exchange.owners.values.items()},
             "owner_rows": {n: list(r) for n, r in self.exchange.owners.rows.items()},
@@ -365,7 +374,7 @@ class IST:
         self.round, self.steps = state["round"], state["steps"]
         self.assignment = self.decomposition.assignment(self.round)
         self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
-        self.tensors.write(state["subnet"], state["optimizer"])
+        self.tensors.load_state_dict(state)
         for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):
             group.update(saved)  # learning rates as the scheduler left them
         for name, value in state["owners"].items():  # optimizer-state shards appear at the first sync

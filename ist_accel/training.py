@@ -7,6 +7,7 @@ does the rest (schedule, checkpoints, resume, W&B, evaluation of the global mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -250,8 +251,8 @@ def train_classifier(
     if accelerator.log_with:
         accelerator.init_trackers(args.project, config=vars(args),
                                   init_kwargs={"wandb": {"name": args.run_name, "dir": str(output)}})
-    local_sgd = LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=args.local_steps,
-                         enabled=args.method == "localsgd")
+    local_sgd = (LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=args.local_steps)
+                 if args.method == "localsgd" else _NoLocalSGD())  # LocalSGD refuses DeepSpeed even when off
     results = _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
                     total_steps, batches_per_epoch, local_sgd, model_params)
     if results is None:
@@ -350,6 +351,11 @@ def _state_elements(args, accelerator, model, optimizer) -> int:
     params = list(model.parameters())
     n = sum(p.numel() + (p.grad.numel() if p.grad is not None else 0) for p in params)
     return n + sum(v.numel() for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+
+
+class _NoLocalSGD(contextlib.nullcontext):
+    def step(self) -> None:
+        pass
 
 
 def _point(args, accelerator, progress, accuracy: float, seconds: float, model_params: int) -> dict[str, float]:

@@ -148,6 +148,15 @@ class ZeroSubnet(SubnetTensors):
                     out[name] = param.detach().clone().float()
         return out
 
+    def _link_state(self) -> None:
+        """ZeRO-1/2 link each parameter to its optimizer-state fragment once, after the first
+        param group's first step, when later groups have no state yet (DeepSpeed 0.19), and
+        a loaded state replaces the linked tensors: link them all again before use."""
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state") and self.base.state:
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+
     def _state_keys(self) -> list[str]:
         """Per-element optimizer-state entries (a scalar ``step`` is the same in every group)."""
         keys = {k for st in self.base.state.values() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
@@ -156,6 +165,7 @@ class ZeroSubnet(SubnetTensors):
     def optimizer_state(self) -> dict[str, dict[str, Any]]:
         from deepspeed.utils import safe_get_full_optimizer_state
 
+        self._link_state()
         keys = self._state_keys()
         out: dict[str, dict[str, Any]] = {}
         for name, param in self.module.named_parameters():
@@ -179,6 +189,7 @@ class ZeroSubnet(SubnetTensors):
                     param.data.copy_(tensors[name].view_as(param.data).to(param.dtype))
         if state is None:
             return
+        self._link_state()
         keys = self._state_keys()
         for name, entries in state.items():
             for key, value in entries.items():
@@ -193,6 +204,19 @@ class ZeroSubnet(SubnetTensors):
                 for value in st.values():
                     if torch.is_tensor(value):
                         value.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole subnet, and this rank's partition of the optimizer state as DeepSpeed's
+        torch optimizer holds it (a resumed run has the same groups and partitions)."""
+        return {"subnet": {n: t.detach().clone() for n, t in self.tensors().items()},
+                "optimizer_partition": self.base.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "optimizer_partition" not in state:
+            raise ValueError("this IST checkpoint was not written under DeepSpeed: resume it without DeepSpeed")
+        self.write(state["subnet"])
+        self.base.load_state_dict(state["optimizer_partition"])
+        self._link_state()
 
     def optimizer_state_elements(self) -> int:
         """Optimizer-state elements this rank holds (its ZeRO partition)."""

@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--save-steps", type=int, default=0, help="checkpoint every this many steps (a multiple of --local-steps)")
     t.add_argument("--eval-steps", type=int, default=0)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON (e.g. launch_configs/deepspeed_zero2.json): "
+                   "ZeRO inside each subnet group")
     o = p.add_argument_group("output")
     o.add_argument("--output-dir", default="out_lm")
     o.add_argument("--report-to", choices=("wandb", "none"), default="none")
@@ -184,7 +186,7 @@ def main() -> None:
         report_to=args.report_to, logging_steps=args.local_steps, seed=args.seed,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps or None,
-        dataloader_drop_last=True)
+        dataloader_drop_last=True, deepspeed=args.deepspeed)
     model_params = sum(p.numel() for p in model.parameters())
     trainer = ISTTrainer(model=model, args=training_args, ist_config=config(args), train_dataset=train_set,
                          eval_dataset=eval_set, processing_class=tokenizer)

@@ -30,9 +30,10 @@ CPU_CONFIG = ROOT / "launch_configs" / "cpu.yaml"
 
 
 def accelerate_launch(script: str | Path, nproc: int, args: list[str], timeout: float = 900,
-                      env: dict | None = None) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file launch_configs/cpu.yaml`` with N processes, as a user runs it."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
+                      env: dict | None = None, config: Path = CPU_CONFIG) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file launch_configs/cpu.yaml`` (or ``config``) with N processes,
+    as a user runs it."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(nproc), "--main_process_port", str(free_port()), str(script), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
                 "WANDB_MODE": "offline", **(env or {})}

@@ -22,6 +22,7 @@ needs_mnist = pytest.mark.skipif(not MNIST.exists(), reason=f"real data missing:
 
 
 def launch(script: str, args: list[str], out: Path, nproc: int = 2, **kw) -> dict:
+    """Run a recipe with ``accelerate launch``; its results.json."""
     proc = accelerate_launch(RECIPES / script, nproc, [*args, "--output-dir", str(out)], **kw)
     results = out / "results.json"
     assert results.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]

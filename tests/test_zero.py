@@ -11,7 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
-from launch import torchrun  # noqa: E402
+from launch import ROOT, accelerate_launch, torchrun  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from test_recipes import MNIST, RECIPES, launch, needs_mnist  # noqa: E402
 from test_accelerate import ACCUM, LOCAL_STEPS, ROUNDS, reference  # noqa: E402
 
 from ist_accel import ISTConfig  # noqa: E402
@@ -87,3 +89,27 @@ def test_bad_deepspeed_setup_fails_before_any_process_group(monkeypatch):
     with pytest.raises(ValueError, match="dense_warmup_steps is not supported under DeepSpeed"):
         ISTAccelerator(ISTConfig(num_subnets=2, group_size=2), deepspeed_plugin=plugin, dense_warmup_steps=2)
     assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_recipe_under_the_deepspeed_launch_config_resumes_exactly(tmp_path, shm_op):
+    """launch_configs/deepspeed_zero2.yaml as shipped (4 processes: S=2 groups x G=2, ZeRO-2
+    in each): ist_mlp trains, checkpoints every 2 rounds, and a run stopped mid-round at step
+    25 resumes from step 20 to the uninterrupted run's parameters (optimizer state carried)."""
+    config = ROOT / "launch_configs" / "deepspeed_zero2.yaml"
+    common = ["--data", str(MNIST), "--hidden", "64", "64", "--num-subnets", "2", "--group-size", "2",
+              "--max-steps", "40", "--local-steps", "10", "--checkpoint-every", "20", "--eval-every", "20",
+              "--optimizer-state", "carry"]
+    whole = launch("ist_mlp.py", common, tmp_path / "whole", nproc=4, config=config)
+    assert (whole["steps"], whole["rounds"], whole["world_size"]) == (40, 4, 4)
+    assert whole["final_accuracy"] > 0.5 and whole["bytes_sent_per_worker"] <= 1.10 * whole["bytes_lower_per_worker"]
+    proc = accelerate_launch(RECIPES / "ist_mlp.py", 4, [*common, "--output-dir", str(tmp_path / "cut"),
+                                                        "--stop-after-steps", "25"], config=config)
+    assert not (tmp_path / "cut" / "results.json").exists(), proc.stderr[-3000:]
+    resumed = launch("ist_mlp.py", [*common, "--resume", "auto"], tmp_path / "cut", nproc=4, config=config)
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert (resumed["steps"], resumed["final_accuracy"]) == (whole["steps"], whole["final_accuracy"])
