@@ -6,7 +6,8 @@ budget), one multi-process launch each (gloo on CPU with launch_configs/cpu.yaml
 GPUs); this script collects their results.json files and writes, per task,
 ``results.json``, ``table.md`` and two plots: accuracy against bytes sent per worker and
 against modeled time at a link bandwidth (measured compute seconds + bytes / bandwidth).
-The runs themselves (with their model weights) stay under ``runs/``, which git ignores.
+The runs themselves (with their model weights) stay under ``runs/``, which git ignores; a
+run whose exact command was run before (``runs/*/command.json``) is reused, not rerun.
 
     python benchmarks/compare.py --task mnist --num-subnets 2 --epochs 3 --seeds 0 1 --out docs/bench
     python benchmarks/compare.py --task cifar10 --num-subnets 4 --epochs 5 --out docs/bench
@@ -39,7 +40,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(task: str, method: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def command(task: str, method: str, seed: int, args: argparse.Namespace, out: Path) -> list[str]:
+    """The ``accelerate launch`` command of one run."""
     recipe, data_args = TASKS[task]
     gpus = args.gpu
     launcher = ["--multi_gpu"] if gpus else ["--config_file", str(ROOT / "launch_configs" / "cpu.yaml")]
@@ -47,13 +49,23 @@ def launch(task: str, method: str, seed: int, args: argparse.Namespace, out: Pat
            "--main_process_port", str(free_port()), str(ROOT / recipe), *data_args, "--method", method,
            "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
            "--local-steps", str(args.local_steps), "--eval-every", str(args.eval_every), "--output-dir", str(out),
-           *(["--lr", str(args.lr)] if args.lr else []), *args.extra]
+           *(["--lr", str(args.lr)] if args.lr else []), *args.extra, *(args.ist_args if method == "ist" else [])]
+    return cmd
+
+
+def launch(task: str, method: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    cmd = command(task, method, seed, args, out)
+    results, recorded = out / "results.json", out / "command.json"
+    what = [a for i, a in enumerate(cmd) if cmd[i - 1] != "--main_process_port" and a != "--main_process_port"]
+    if results.exists() and recorded.exists() and json.loads(recorded.read_text()) == what:
+        print(f"== {task} S={args.num_subnets} {method} seed {seed}: reusing {results}", flush=True)
+        return json.loads(results.read_text())
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
     print(f"== {task} S={args.num_subnets} {method} seed {seed}", flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    results = out / "results.json"
     if not results.exists():
         raise SystemExit(f"{method} (seed {seed}) failed:\n{proc.stderr[-4000:]}")
+    recorded.write_text(json.dumps(what))  # a later invocation with the same command reuses this run
     return json.loads(results.read_text())
 
 
@@ -152,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--bandwidth-gbps", type=float, default=10.0, help="link bandwidth for the modeled time")
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL (accelerate launch --multi_gpu)")
+    ap.add_argument("--ist-args", action="append", default=[], help="a recipe argument for the ist runs only, "
+                    "repeatable: --ist-args=--stages=all --ist-args=--min-blocks=1")
     ap.add_argument("--out", default="bench")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for the recipe")
     args = ap.parse_args(argv)
@@ -161,9 +175,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bandwidth = args.bandwidth_gbps * 1e9 / 8
     out = Path(args.out) / f"{args.task}_S{args.num_subnets}"
     runs: dict[str, list[dict]] = {}
-    for method in args.methods:
+    # IST first: a setting the model cannot take fails at once, not after the baselines ran
+    for method in sorted(args.methods, key=lambda m: m != "ist"):
         for seed in args.seeds:
             runs.setdefault(method, []).append(launch(args.task, method, seed, args, out / "runs" / f"{method}_seed{seed}"))
+    runs = {m: runs[m] for m in args.methods}
     rows, target = summarize(runs, bandwidth)
     text = table(rows, target, bandwidth)
     out.mkdir(parents=True, exist_ok=True)

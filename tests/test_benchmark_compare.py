@@ -13,14 +13,21 @@ MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
 
 
 @pytest.mark.skipif(not MNIST.exists(), reason=f"real data missing: {MNIST} (../shared absent)")
-def test_compare_runs_three_methods_and_reports(tmp_path, monkeypatch):
+def test_compare_runs_three_methods_and_reports(tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    summary = compare.main(["--task", "mnist", "--num-subnets", "2", "--epochs", "0.15", "--local-steps", "5",
-                            "--eval-every", "10", "--batch-size", "64", "--out", str(tmp_path), "--", "--hidden", "64",
-                            "64"])
+    argv = ["--task", "mnist", "--num-subnets", "2", "--epochs", "0.15", "--local-steps", "5", "--eval-every", "10",
+            "--batch-size", "64", "--ist-args=--optimizer-state=carry", "--out", str(tmp_path), "--", "--hidden", "64",
+            "64"]
+    summary = compare.main(argv)
+    assert json.loads((tmp_path / "mnist_S2" / "runs" / "ist_seed0" / "results.json").read_text()
+                      )["ist_config"]["optimizer_state"] == "carry"  # --ist-args reach the ist runs only
+    capsys.readouterr()
+    again = compare.main(argv)  # the same commands again: runs reused, not rerun
+    assert json.dumps(again["rows"]) == json.dumps(summary["rows"])
+    assert capsys.readouterr().out.count("reusing") == 3
     out = tmp_path / "mnist_S2"
     rows = {r["method"]: r for r in summary["rows"]}
     assert set(rows) == {"ddp", "localsgd", "ist"}
