@@ -345,8 +345,8 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
 
 def _state_elements(args, accelerator, model, optimizer) -> int:
     """Tensor elements a worker keeps: parameters, gradients, optimizer state (IST: also
-    owner shards and what remains of the global model)."""
-    if args.method == "ist":
+    owner shards and what remains of the global model; during a warm-up, the whole model)."""
+    if args.method == "ist" and accelerator.ist is not None:
         return accelerator.ist.resident_elements()
     params = list(model.parameters())
     n = sum(p.numel() + (p.grad.numel() if p.grad is not None else 0) for p in params)
