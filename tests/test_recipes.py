@@ -79,10 +79,11 @@ def test_ist_mlp_reaches_95_percent_on_mnist(tmp_path):
 
 
 @needs_mnist
-@pytest.mark.parametrize("policy", ["reset", "carry"])
+@pytest.mark.parametrize("policy", ["reset"])
 def test_stop_mid_round_and_resume_equals_uninterrupted(tmp_path, policy):
     """Checkpoints every 2 rounds; a run stopped at step 45 (mid-round) resumes from step 40
-    and ends with the parameters of an uninterrupted run."""
+    and ends with the parameters of an uninterrupted run. (``carry`` is resumed in the kill
+    drill of test_reliability.py and under DeepSpeed in test_zero.py.)"""
     common = ["--data", str(MNIST), "--hidden", "128", "128", "--max-steps", "70", "--local-steps", "10",
               "--checkpoint-every", "20", "--optimizer-state", policy, "--schedule", "cosine"]
     whole = launch("ist_mlp.py", common, tmp_path / "whole")

@@ -66,11 +66,9 @@ TRAINER_CASES = [(2, 1, "reset", "layers", "linear", 0), (2, 1, "carry", "heads"
 
 @pytest.mark.parametrize("S,G,policy,decomposition,scheduler,zero", TRAINER_CASES,
                          ids=[f"S{s}xG{g}-{p}-{d}-{sch}" + (f"-zero{z}" if z else "") for s, g, p, d, sch, z in TRAINER_CASES])
-def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, scheduler, zero):
+def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, scheduler, zero, request):
     if zero:
-        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-        ShareMemCommBuilder().load()  # DeepSpeed's CPU comm op, built once here, not in every worker
+        request.getfixturevalue("deepspeed_cpu_comm_op")
     proc = torchrun("trainer_worker.py", S * G, ["--num-subnets", str(S), "--group-size", str(G), "--policy", policy,
                                                 "--decomposition", decomposition, "--lr-scheduler", scheduler,
                                                 "--zero-stage", str(zero), "--out", str(tmp_path)],
@@ -95,10 +93,12 @@ def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, schedu
 
 
 @pytest.mark.parametrize("zero", [0, 2], ids=["ddp", "zero2"])
-def test_save_steps_and_resume_from_checkpoint_continue_exactly(tmp_path, zero):
+def test_save_steps_and_resume_from_checkpoint_continue_exactly(tmp_path, zero, request):
     """Checkpoints every round (save_steps = local_steps); a second run resumed from the
     step-4 checkpoint ends with the parameters of the first; W&B (offline) gets IST metrics.
     With DeepSpeed (ZeRO-2, G=1) the Trainer's engine checkpoint is replaced by IST's state."""
+    if zero:
+        request.getfixturevalue("deepspeed_cpu_comm_op")
     common = ["--policy", "carry", "--decomposition", "heads", "--save-steps", "2", "--lr-scheduler", "linear",
               "--zero-stage", str(zero)]
     env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
