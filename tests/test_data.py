@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,13 +167,9 @@ def test_load_real_mnist() -> None:
 
 
 @pytest.fixture(scope="session")
-def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The CIFAR-10 JPEG tree, extracted once per session and removed afterwards (60k files)."""
-    if not CIFAR_TAR.is_file():
-        pytest.skip(f"CIFAR-10 JPEG tarball not found at {CIFAR_TAR} (expected ../shared next to the repo)")
-    dest = tmp_path_factory.mktemp("cifar10")
-    yield extract_tarball(CIFAR_TAR, dest)
-    shutil.rmtree(dest, ignore_errors=True)
+def cifar_root(cifar_cache: Path) -> Path:
+    """The CIFAR-10 JPEG tree, extracted once per session (conftest.py)."""
+    return extract_tarball(CIFAR_TAR, cifar_cache / "cifar10-jpeg")
 
 
 def test_cifar_image_folder(cifar_root: Path) -> None:

@@ -30,10 +30,10 @@ def launch(script: str, args: list[str], out: Path, nproc: int = 2, **kw) -> dic
 
 
 @needs_cifar
-def test_resist_imagenet_on_cifar10_jpegs_reaches_the_bar(tmp_path):
+def test_resist_imagenet_on_cifar10_jpegs_reaches_the_bar(tmp_path, cifar_cache):
     """The issue's command: ImageFolder loader, 300 steps, 2 processes: >= 35% on the CIFAR-10
     test images, and the bytes IST moved within 10% of the lower bound."""
-    r = launch("resist_imagenet.py", ["--data", str(CIFAR), "--data-cache", str(tmp_path / "data"),
+    r = launch("resist_imagenet.py", ["--data", str(CIFAR), "--data-cache", str(cifar_cache),
                                       "--arch", "preact_resnet20", "--num-subnets", "2", "--batch-size", "64",
                                       "--max-steps", "300"], tmp_path / "out")
     assert r["steps"] == 300 and r["rounds"] == 6 and r["world_size"] == 2
@@ -61,8 +61,8 @@ def test_resist_imagenet_embedded_default_runs_every_method(tmp_path, method):
 
 
 @needs_cifar
-def test_resist_cifar_short_run(tmp_path):
-    r = launch("resist_cifar.py", ["--data", str(CIFAR), "--data-cache", str(tmp_path / "data"),
+def test_resist_cifar_short_run(tmp_path, cifar_cache):
+    r = launch("resist_cifar.py", ["--data", str(CIFAR), "--data-cache", str(cifar_cache),
                                    "--arch", "preact_resnet32", "--max-steps", "40", "--local-steps", "10",
                                    "--batch-size", "32"], tmp_path / "out")
     assert (r["steps"], r["rounds"]) == (40, 4)
