@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 Index = tuple["torch.Tensor | None", ...] | None
+# One evaluation-view scaling: (module name in the global model, factor, "in" | "out"):
+# the module's input or output is multiplied by the factor when the global model is evaluated.
+Scaling = tuple[str, float, str]
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,17 @@ class Decomposition(ABC):
     def eval_view(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
         """The global model with every unit active and eval scaling applied."""
 
+    def eval_scalings(self) -> list[Scaling]:
+        """The scalings :meth:`eval_view` applies, by module name (none by default)."""
+        return []
+
+    def export_state(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global model's state dict with the evaluation view folded into its weights:
+        loaded into the plain architecture, it computes what :meth:`eval_view` computes.
+        ``state_dict`` (raw training values, keys as in the global model) is not modified.
+        Raises ``ValueError`` naming a scaled module that has no weights to fold into."""
+        return fold_scalings(self.model, state_dict, self.eval_scalings())
+
     @abstractmethod
     def shared_names(self) -> set[str]:
         """Global tensors that every subnet holds whole in every round."""
@@ -212,6 +226,57 @@ def average_into_global(
             g = global_state[name]
             mean = total / counts[name].clamp_min(1)
             g.copy_(torch.where(held, mean, g.to(torch.float64)).to(g.dtype))
+
+
+_FOLDABLE_OUT = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+                 nn.GroupNorm)
+_FOLDABLE_IN = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear with its weight stored as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def fold_scalings(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                  scalings: list[Scaling]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each (module, factor, where) scaling folded into the module's
+    parameters. An output scaling of an affine module (Linear, ConvNd, transformers Conv1D,
+    BatchNorm / LayerNorm / GroupNorm with affine parameters) multiplies its weight and
+    bias; an input scaling of a Linear, ConvNd or Conv1D multiplies its weight only (the
+    layer is linear in its input). Anything else raises ``ValueError`` naming the module."""
+    out = dict(state_dict)
+    factors: dict[str, float] = {}
+    for name, factor, where in scalings:
+        module = model.get_submodule(name)
+        kinds = _FOLDABLE_OUT if where == "out" else _FOLDABLE_IN
+        if where not in ("in", "out"):
+            raise ValueError(f"scaling of {name!r}: where must be 'in' or 'out', got {where!r}")
+        if not (isinstance(module, kinds) or _is_hf_conv1d(module)):
+            raise ValueError(
+                f"cannot fold the evaluation scaling ({where}put x {factor:g}) of {name!r} into the exported weights: "
+                f"it is a {type(module).__name__}; foldable are {', '.join(k.__name__ for k in kinds)} and "
+                "transformers' Conv1D. Export the eval view's outputs another way, or turn eval_scaling off")
+        tensors = ["weight", "bias"] if where == "out" else ["weight"]
+        present = [t for t in tensors if getattr(module, t, None) is not None]
+        if "weight" not in present:
+            raise ValueError(
+                f"cannot fold the evaluation scaling ({where}put x {factor:g}) of {name!r} into the exported weights: "
+                f"its {type(module).__name__} has no affine weight (affine=False / elementwise_affine=False)")
+        for t in present:
+            key = f"{name}.{t}" if name else t
+            if key not in out:
+                raise ValueError(f"cannot fold the evaluation scaling of {name!r}: the state dict has no {key!r} "
+                                 "(pass the global model's full state dict)")
+            factors[key] = factors.get(key, 1.0) * factor
+    for key, factor in factors.items():
+        out[key] = (out[key].detach() * factor).to(out[key].dtype)  # new tensors: tied weights stay untouched
+    return out
+
+
+def scaling_hooks(model: nn.Module, scalings: list[Scaling]) -> list[tuple[nn.Module, float, str]]:
+    """The forward hooks of :func:`forward_scaling` for ``scalings`` on ``model``."""
+    return [(model.get_submodule(name), factor, where) for name, factor, where in scalings]
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .base import Assignment, Decomposition, Piece, check_num_subnets, evaluation_view, state_tensors
+from .base import (Assignment, Decomposition, Piece, Scaling, check_num_subnets, evaluation_view, scaling_hooks,
+                   state_tensors)
 from .sampling import split_assignment
 from .trace import default_example_input, get_module, set_module, trace_model
 
@@ -145,8 +146,11 @@ class MLPDecomposition(Decomposition):
         """All neurons active; inputs of layers whose inputs were cut scaled by ``1/S``
         (each subnet learned to produce a layer's output from ``1/S`` of its inputs)."""
         model = self.model if model is None else model
-        hooks = []
-        if self.eval_scaling and self.num_subnets > 1:
-            hooks = [(model.get_submodule(n), 1.0 / self.num_subnets, "in") for n in self.linears[1:]]
-        with evaluation_view(model, hooks) as view:
+        with evaluation_view(model, scaling_hooks(model, self.eval_scalings())) as view:
             yield view
+
+    def eval_scalings(self) -> list[Scaling]:
+        """Inputs of every Linear after the first (their inputs were cut) by ``1/S``."""
+        if not self.eval_scaling or self.num_subnets == 1:
+            return []
+        return [(n, 1.0 / self.num_subnets, "in") for n in self.linears[1:]]

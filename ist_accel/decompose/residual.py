@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Assignment, Decomposition, Piece, check_num_subnets, evaluation_view, state_tensors
+from .base import (Assignment, Decomposition, Piece, Scaling, check_num_subnets, evaluation_view, scaling_hooks,
+                   state_tensors)
 from .sampling import blocks_per_subnet, deal_blocks
 from .trace import Trace, default_example_input, get_module, set_module, signature, trace_model
 
@@ -289,15 +290,19 @@ class ResidualDecomposition(Decomposition):
     @contextlib.contextmanager
     def eval_view(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
         model = self.model if model is None else model
-        hooks = []
+        with evaluation_view(model, scaling_hooks(model, self.eval_scalings())) as view:
+            yield view
+
+    def eval_scalings(self) -> list[Scaling]:
+        """The output of every partitioned block's residual branch by ``max(1/S, m/N)``."""
+        out: list[Scaling] = []
         if self.eval_scaling:
             for st in self.stages:
                 factor = self.eval_scale(st)
                 for position in range(st.start, st.stop):
                     for branch in st.branch.split(","):  # a transformer layer has two residual branches
-                        hooks.append((model.get_submodule(f"{st.block_name(position)}.{branch}"), factor, "out"))
-        with evaluation_view(model, hooks) as view:
-            yield view
+                        out.append((f"{st.block_name(position)}.{branch}", factor, "out"))
+        return out
 
     # ---- helpers ------------------------------------------------------------
 

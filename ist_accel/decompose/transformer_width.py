@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Assignment, Decomposition, Piece, check_num_subnets, evaluation_view, state_tensors
+from .base import (Assignment, Decomposition, Piece, Scaling, check_num_subnets, evaluation_view, scaling_hooks,
+                   state_tensors)
 from .sampling import split_assignment
 from .trace import get_module, set_module
 from .transformer import find_layer_stacks
@@ -201,12 +202,15 @@ class TransformerWidthDecomposition(Decomposition):
     @contextlib.contextmanager
     def eval_view(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
         model = self.model if model is None else model
-        hooks = []
-        if self.eval_scaling and self.num_subnets > 1:
-            outs = [f"{layer.path}.{layer.ffn_out if self.units == 'ffn' else layer.attn_out}" for layer in self.layers]
-            hooks = [(model.get_submodule(name), 1.0 / self.num_subnets, "in") for name in outs]
-        with evaluation_view(model, hooks) as view:
+        with evaluation_view(model, scaling_hooks(model, self.eval_scalings())) as view:
             yield view
+
+    def eval_scalings(self) -> list[Scaling]:
+        """Inputs of every layer's cut output projection (FFN down / attention out) by ``1/S``."""
+        if not self.eval_scaling or self.num_subnets == 1:
+            return []
+        outs = [f"{layer.path}.{layer.ffn_out if self.units == 'ffn' else layer.attn_out}" for layer in self.layers]
+        return [(name, 1.0 / self.num_subnets, "in") for name in outs]
 
 
 __all__ = ["TransformerWidthDecomposition"]
