@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,8 @@ class ISTConfig:
             rank, or ``"skip"`` (drop that group's update of the round, warn; keeps a copy
             of the round's starting subnet).
         sync_timeout: seconds a collective may wait for a peer before the run fails
-            (process groups created by the engine; ISTAccelerator also sets Accelerate's).
+            (every process group: the engine's, and under ISTAccelerator / ISTTrainer the
+            default one, however it was created).
     """
 
     num_subnets: int = 2
@@ -78,8 +80,8 @@ class ISTConfig:
         _check_choice("wire_dtype", self.wire_dtype, WIRE_DTYPES)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         if isinstance(self.sync_timeout, bool) or not isinstance(self.sync_timeout, (int, float)) \
-                or not self.sync_timeout > 0:
-            raise ValueError(f"sync_timeout must be a number of seconds > 0, got {self.sync_timeout!r}")
+                or not math.isfinite(self.sync_timeout) or not self.sync_timeout > 0:
+            raise ValueError(f"sync_timeout must be a finite number of seconds > 0, got {self.sync_timeout!r}")
         if not isinstance(self.eval_scaling, bool):
             raise ValueError(f"eval_scaling must be True or False, got {self.eval_scaling!r}")
         if not isinstance(self.stages, str) or not self.stages.strip():
