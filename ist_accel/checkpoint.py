@@ -21,7 +21,24 @@ PARTIAL = ".partial"
 
 
 class CheckpointError(ValueError):
-    """The folder is not a complete, intact checkpoint."""
+    """The folder is not a complete, intact checkpoint (or not one of this run)."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed on some rank (a full disk, a lost mount); its ``.partial``
+    folder was removed and earlier checkpoints are untouched."""
+
+
+def shape_mismatch(saved: dict[str, Any], live: dict[str, tuple[int, ...]], what: str) -> str | None:
+    """The first tensor of ``saved`` whose shape differs from ``live`` (name -> shape), as a
+    sentence naming the tensor and both shapes; ``None`` when every shared name fits."""
+    for name, value in saved.items():
+        if name not in live or not hasattr(value, "shape"):
+            continue
+        if tuple(value.shape) != tuple(live[name]):
+            return (f"{what} tensor {name!r} has shape {tuple(value.shape)} in the checkpoint but {tuple(live[name])} "
+                    "in this run: it was written for another model (another width or depth?)")
+    return None
 
 
 def partial_path(final: Path) -> Path:
@@ -90,4 +107,5 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / MANIFEST).is_file() and not Path(folder).name.endswith(PARTIAL)
 
 
-__all__ = ["CheckpointError", "is_complete", "partial_path", "publish", "verify", "write_manifest"]
+__all__ = ["CheckpointError", "CheckpointSaveError", "is_complete", "partial_path", "publish", "shape_mismatch", "verify",
+           "write_manifest"]

@@ -2,16 +2,25 @@
 
 Errors raised by the round engine (every rank raises the same one, so no rank is left
 waiting), and fault injection for tests and drills: ``IST_FAULT`` is a comma-separated
-list of ``kind:rank=R:step=K[:point=P]`` with kind ``kill`` (SIGKILL this process) or
-``nan`` (poison this rank's subnet), fired when rank R reaches optimizer step K at point
-``step`` (after the optimizer step, before any sync), ``sync`` (inside the round's
-exchange) or ``save`` (half-way through writing a checkpoint)."""
+list of ``kind:rank=R:step=K[:point=P]`` with kind ``kill`` (SIGKILL this process),
+``stop`` (SIGSTOP this process: a stalled peer, alive but silent), ``nan`` (poison this
+rank's subnet) or ``enospc`` (raise ``OSError(ENOSPC)``, as a full disk does), fired when
+rank R reaches optimizer step K at point ``step`` (after the optimizer step, before any
+sync), ``sync`` (inside the round's exchange) or ``save`` (half-way through writing a
+checkpoint).
+
+A rank that fails for its own reason (a bad image, a full disk) says why in the process
+group's store (:func:`record_failure`), so the others can report the cause
+(:func:`peer_failures`) instead of only "connection closed by peer"."""
 
 from __future__ import annotations
 
+import datetime
+import errno
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,7 +29,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 POINTS = ("step", "sync", "save")
-KINDS = ("kill", "nan")
+KINDS = ("kill", "stop", "nan", "enospc")
+FAILURE_KEY = "ist_accel/failure/{rank}"
+FAILURE_COUNT = "ist_accel/failures"  # how many ranks recorded a failure (one store.add to check)
+ACK_COUNT = "ist_accel/failure_acks"  # how many ranks read them
+_state = {"recorded": False, "acknowledged": False}
 
 
 class ISTError(RuntimeError):
@@ -37,6 +50,11 @@ class ISTNonFiniteError(ISTError):
 
 class ISTSyncError(ISTError):
     """A synchronization failed: a peer died, stalled past the timeout, or the network broke."""
+
+
+class ISTPeerFailure(ISTError):
+    """Another rank failed for its own reason (recorded with :func:`record_failure`): this
+    rank stops too, with that rank's message."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +89,16 @@ def inject(point: str, rank: int, step: int, tensors: Iterable[torch.Tensor] = (
     for fault in _FAULTS:
         if (fault.point, fault.rank, fault.step) != (point, rank, step):
             continue
-        logger.warning("IST_FAULT: %s on rank %d at step %d (%s)", fault.kind, rank, step, point)
+        logger.warning("IST_FAULT: %s on rank %d at step %d (%s), pid %d", fault.kind, rank, step, point, os.getpid())
         if fault.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault.kind == "stop":
+            for handler in logging.getLogger().handlers:  # the warning out before the process freezes
+                handler.flush()
+            os.kill(os.getpid(), signal.SIGSTOP)
+            continue
+        if fault.kind == "enospc":
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (IST_FAULT enospc at {point}, step {step})")
         with torch.no_grad():
             for t in tensors:
                 if t.is_floating_point():
@@ -81,4 +106,87 @@ def inject(point: str, rank: int, step: int, tensors: Iterable[torch.Tensor] = (
                     break
 
 
-__all__ = ["Fault", "ISTAgreementError", "ISTError", "ISTNonFiniteError", "ISTSyncError", "inject", "parse_faults"]
+def _store_and_rank() -> tuple[object, int, int] | None:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
+
+
+def record_failure(message: str, wait_for_peers: float = 0.0) -> bool:
+    """Write why this rank fails into the default process group's store (key
+    ``ist_accel/failure/<rank>``), for the other ranks to report; only a rank's first failure
+    is recorded (the cause, not its consequences). With ``wait_for_peers``, wait up to that
+    many seconds for every other rank to have read it or failed too (a launcher such as
+    torchrun stops the other workers as soon as this one exits, before they could say why).
+    Never raises; returns whether it was recorded (False without a process group or when
+    the store is gone)."""
+    try:
+        found = _store_and_rank()
+        if found is None:
+            return False
+        store, rank, world = found
+        if not _state["recorded"]:  # the first failure is the cause; what follows from it is not recorded
+            store.set(FAILURE_KEY.format(rank=rank), str(message)[:4000])
+            store.add(FAILURE_COUNT, 1)
+            _state["recorded"] = True
+        deadline = time.monotonic() + wait_for_peers
+        while time.monotonic() < deadline and store.add(ACK_COUNT, 0) + store.add(FAILURE_COUNT, 0) < world:
+            time.sleep(0.05)
+        return True
+    except Exception as error:  # the store's host may be dead: nothing to tell anyone
+        logger.debug("could not record the failure in the store: %s", error)
+        return False
+
+
+def peer_failed() -> bool:
+    """Whether another rank recorded a failure: one store round trip, cheap enough for every
+    step. Never raises (False when the store cannot be reached)."""
+    try:
+        found = _store_and_rank()
+        if found is None:
+            return False
+        return found[0].add(FAILURE_COUNT, 0) > int(_state["recorded"])
+    except Exception:
+        return False
+
+
+def peer_failures(timeout: float = 2.0, include_self: bool = False) -> list[str]:
+    """What other ranks recorded with :func:`record_failure`, as ``"rank R: message"``
+    (reading them lets a rank waiting in ``record_failure`` go on). Waits at most about
+    ``timeout`` seconds in all (the store's host may be stalled or dead); never raises."""
+    try:
+        found = _store_and_rank()
+        if found is None:
+            return []
+        store, me, world = found
+    except Exception:
+        return []
+    out = []
+    previous = None
+    try:
+        previous = store.timeout
+        store.set_timeout(datetime.timedelta(seconds=timeout))
+        for rank in range(world):
+            if rank == me and not include_self:
+                continue
+            key = FAILURE_KEY.format(rank=rank)
+            if store.check([key]):
+                out.append(f"rank {rank}: {store.get(key).decode(errors='replace')}")
+        if out and not _state["acknowledged"] and not _state["recorded"]:
+            store.add(ACK_COUNT, 1)
+            _state["acknowledged"] = True
+    except Exception as error:
+        logger.debug("could not read peer failures from the store: %s", error)
+    finally:
+        if previous is not None:
+            try:
+                store.set_timeout(previous)
+            except Exception:
+                pass
+    return out
+
+
+__all__ = ["Fault", "ISTAgreementError", "ISTError", "ISTNonFiniteError", "ISTPeerFailure", "ISTSyncError", "inject",
+           "parse_faults", "peer_failed", "peer_failures", "record_failure"]
