@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ImageDecodeError",
+    "load_image",
     "CIFAR_MEAN",
     "CIFAR_STD",
     "IMAGENET_MEAN",
@@ -63,11 +65,54 @@ def cifar_transforms(train: bool = True, image_size: int = 32) -> Any:
     return T.Compose([*head, T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
 
 
+class ImageDecodeError(OSError):
+    """An image file of the data set cannot be read or decoded (truncated, not an image)."""
+
+
+def load_image(path: str) -> Any:
+    """torchvision's image loader, with decode errors naming the file (a truncated JPEG
+    otherwise fails with ``OSError: Truncated File Read`` and no path)."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as error:
+        raise ImageDecodeError(f"cannot decode image {path}: {type(error).__name__}: {error}") from None
+
+
 def _first_image_size(folder: Any) -> int:
     from PIL import Image
 
-    with Image.open(folder.samples[0][0]) as image:
-        return max(image.size)
+    path = folder.samples[0][0]
+    try:
+        with Image.open(path) as image:
+            return max(image.size)
+    except Exception as error:
+        raise ImageDecodeError(f"cannot decode image {path}: {type(error).__name__}: {error}") from None
+
+
+def _image_folder(root: Path) -> Any:
+    """An ImageFolder that names its undecodable files and warns about the files it skips
+    (not images by their extension). A warning, not an error: stray files in class folders
+    (README, .DS_Store, Thumbs.db) are common and harmless, but a misplaced file should be
+    seen, not silently dropped."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    skipped: list[str] = []
+
+    def is_image(path: str) -> bool:
+        if has_file_allowed_extension(path, IMG_EXTENSIONS):
+            return True
+        skipped.append(path)
+        return False
+
+    folder = ImageFolder(str(root), loader=load_image, is_valid_file=is_image)
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        logger.warning("%s: skipped %d file(s) that are not images (extensions %s): %s", root, len(skipped),
+                       " ".join(IMG_EXTENSIONS), shown)
+    return folder
 
 
 def load_image_folder(
@@ -78,12 +123,10 @@ def load_image_folder(
     ``augment="auto"`` uses CIFAR transforms when the first image is at most 64 px, else ImageNet ones.
     ``image_size`` defaults to 224 (ImageNet) or 32 (CIFAR).
     """
-    from torchvision.datasets import ImageFolder
-
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {list(AUGMENTS)}, got {augment!r}")
     train_dir, eval_dir = find_split_dirs(root)
-    train_ds, eval_ds = ImageFolder(str(train_dir)), ImageFolder(str(eval_dir))
+    train_ds, eval_ds = _image_folder(train_dir), _image_folder(eval_dir)
     if train_ds.classes != eval_ds.classes:
         raise ValueError(
             f"{root}: train and eval class folders differ "
