@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import functools
 import json
 import logging
@@ -45,7 +46,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
 from .config import ISTConfig
-from .faults import inject
+from .faults import inject, peer_failures, record_failure
+from .lifecycle import apply_sync_timeout, exit_with_parent
+from .decompose import state_tensors
 from .round import IST, RoundMetrics
 from .tracking import assignment_image, round_log
 
@@ -159,9 +162,8 @@ class ISTAccelerator(Accelerator):
                 kwargs.pop("cpu", None)
                 os.environ.pop("ACCELERATE_USE_CPU", None)
                 backend = "gloo"
-        if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):  # fail, not hang, on a dead peer
-            timeout = datetime.timedelta(seconds=ist_config.sync_timeout)
-            handlers.append(InitProcessGroupKwargs(timeout=timeout, **({"backend": backend} if backend else {})))
+        exit_with_parent()  # a launched worker ends with its launcher, never trains on as an orphan
+        _timeout_handler(handlers, ist_config.sync_timeout, backend)  # fail, not hang, on a stalled peer
         super().__init__(*args, kwargs_handlers=handlers, **kwargs)
         if self.distributed_type not in SUPPORTED:
             raise ValueError(f"ISTAccelerator supports distributed types {[t.value for t in SUPPORTED]}, "
@@ -173,6 +175,9 @@ class ISTAccelerator(Accelerator):
         if not dist.is_initialized():  # one process: a world of one, so the engine runs unchanged
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # the default group may predate this Accelerator (TrainingArguments, DeepSpeed, the user's own
+        # init_process_group) and then kept its own timeout (30 min for gloo): sync_timeout on every group
+        apply_sync_timeout(ist_config.sync_timeout)
         self.ist_config = ist_config
         self.example_input = example_input
         self.assignment_log_every = assignment_log_every
@@ -181,6 +186,9 @@ class ISTAccelerator(Accelerator):
         self.ist_model: ISTModel | None = None
         self.zero_engine: Any = None  # the group's DeepSpeed engine, under DeepSpeed
         self._pending: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None  # (model, optimizer, wrapped) in warm-up
+        self._checkpoint_weights: dict[str, torch.Tensor] | None = None  # raw global weights while save_state runs
+        self._round_logs: list[tuple[dict[str, float], Any]] = []  # IST's round metrics, out with the user's next log
+        self._user_logged, self._user_step = False, None
 
     # ---- prepare -----------------------------------------------------------------
 
@@ -210,6 +218,7 @@ class ISTAccelerator(Accelerator):
         prepared = super().prepare(*rest) if rest else ()
         prepared = iter(prepared if len(rest) != 1 else (prepared,))
         result = tuple(ist_model if a is model else optimizer if a is user_optimizer else next(prepared) for a in args)
+        apply_sync_timeout(self.ist_config.sync_timeout)  # groups created while preparing, too
         return result if len(result) > 1 else result[0]
 
     def _prepare_ist(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> tuple[ISTModel, Any]:
@@ -240,6 +249,7 @@ class ISTAccelerator(Accelerator):
         self._models[self._models.index(engine)] = self.ist_model  # the run's model is the IST model
         prepared = iter(prepared)
         result = tuple(self.ist_model if a is model else optimizer if a is user_optimizer else next(prepared) for a in args)
+        apply_sync_timeout(self.ist_config.sync_timeout)  # DeepSpeed's own groups, too
         return result if len(result) > 1 else result[0]
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
@@ -315,18 +325,25 @@ class ISTAccelerator(Accelerator):
             view.eval()
             yield view
 
-    def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
-        """For the IST model: the global model's state dict (gathered from the subnets; call
-        on every rank, as ``save_model`` and ``save_state`` do)."""
+    def get_state_dict(self, model: nn.Module, unwrap: bool = True, raw: bool = False) -> dict[str, torch.Tensor]:
+        """For the IST model: the global model's state dict, gathered from the subnets (call
+        on every rank, as ``save_model`` and ``save_state`` do), with the evaluation view
+        folded into its weights (:meth:`Decomposition.export_state`): loaded into the plain
+        architecture it scores what ``model.eval()`` scores. ``raw=True``: the training
+        values as they are (what ``save_state`` checkpoints, so a resume is exact)."""
         if not isinstance(model, ISTModel):
             return super().get_state_dict(model, unwrap=unwrap)
-        if self.ist is None:  # warm-up: the whole model is here
+        if self._checkpoint_weights is not None:  # inside save_state: gathered once, raw
+            return self._checkpoint_weights
+        if self.ist is None:  # warm-up: the whole model is here, trained as it is evaluated
             return self._pending[0].state_dict()
         every_node = self.project_configuration.save_on_each_node
         gathered = self._engine().gather_global(dst=None if every_node else 0)
         state = gathered.state_dict() if gathered is not None else {}
         if self.ist.free_global:
             self.ist.release_global()  # the returned tensors keep their own storage
+        if state and not raw:
+            state = self.ist.decomposition.export_state(state)
         return state
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -343,39 +360,89 @@ class ISTAccelerator(Accelerator):
             return super().save_state(output_dir, safe_serialization, **kwargs)
         final = Path(output_dir) if output_dir is not None else self._next_automatic_checkpoint()
         partial = checkpoint.partial_path(final)
-        if self.is_main_process and partial.exists():
-            shutil.rmtree(partial)  # left by an earlier crash
-        self.wait_for_everyone()
+        failure: Exception | None = None
+        if self.is_main_process:
+            try:
+                if partial.exists():
+                    shutil.rmtree(partial)  # left by an earlier crash
+                partial.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                failure = error
+        self._agree_saved(failure, partial, final)  # (a barrier)
+        # Every collective first (the global model, under ZeRO-3 the subnet), then only writes: a
+        # rank that fails to write (a full disk) cannot leave the others waiting in a collective.
+        if self.ist is None:  # inside the data-parallel warm-up
+            step, info, rank_state = self._warmup_done, {"phase": "warmup"}, None
+        else:
+            step, info = self.ist.steps, {"phase": "ist", "round": self.ist.round}
+            rank_state = self.ist.state_dict()
+        self._checkpoint_weights = self.get_state_dict(self.ist_model, raw=True)  # raw: the resume is exact
         automatic = self.project_configuration.automatic_checkpoint_naming
         self.project_configuration.automatic_checkpoint_naming = False  # the folder is ours to name
         try:
             with self._hidden(models=self.zero_engine is not None, optimizers=True):
                 super().save_state(str(partial), safe_serialization, **kwargs)
+            if self.zero_engine is not None:  # Accelerate would save the group's engine; the run's model is global
+                name = "model.safetensors" if safe_serialization else "pytorch_model.bin"
+                save(self._checkpoint_weights, partial / name,
+                     save_on_each_node=self.project_configuration.save_on_each_node,
+                     safe_serialization=safe_serialization)
+            if rank_state is None:
+                if self.is_main_process:
+                    (partial / WARMUP_STATE).write_text(json.dumps({"warmup_steps_done": self._warmup_done}))
+            else:
+                torch.save(rank_state, partial / RANK_STATE.format(rank=self.process_index))
+            inject("save", self.process_index, step)
+        except Exception as error:  # OSError, or torch.save's / safetensors' own error on a full disk
+            failure = error
         finally:
             self.project_configuration.automatic_checkpoint_naming = automatic
-        if self.zero_engine is not None:  # Accelerate would save the group's engine; the run's model is global
-            weights = self.get_state_dict(self.ist_model)
-            name = "model.safetensors" if safe_serialization else "pytorch_model.bin"
-            save(weights, partial / name, save_on_each_node=self.project_configuration.save_on_each_node,
-                 safe_serialization=safe_serialization)
-        partial.mkdir(parents=True, exist_ok=True)
-        if self.ist is None:  # inside the data-parallel warm-up
-            if self.is_main_process:
-                (partial / WARMUP_STATE).write_text(json.dumps({"warmup_steps_done": self._warmup_done}))
-            step, info = self._warmup_done, {"phase": "warmup"}
-        else:
-            torch.save(self.ist.state_dict(), partial / RANK_STATE.format(rank=self.process_index))
-            step, info = self.ist.steps, {"phase": "ist", "round": self.ist.round}
-        inject("save", self.process_index, step)
-        self.wait_for_everyone()
+            self._checkpoint_weights = None
+        self._agree_saved(failure, partial, final)
         if self.is_main_process:
-            checkpoint.write_manifest(partial, {**info, "step": step, "world_size": self.num_processes})
-            checkpoint.publish(partial, final)
-            if automatic:
-                self._prune_automatic_checkpoints()
-        self.wait_for_everyone()
+            try:
+                checkpoint.write_manifest(partial, {**info, "step": step, "world_size": self.num_processes})
+                checkpoint.publish(partial, final)
+                if automatic:
+                    self._prune_automatic_checkpoints()
+            except OSError as error:
+                failure = error
+        self._agree_saved(failure, partial, final)
         logger.info("IST: saved %s (step %d) to %s", info["phase"], step, final)
         return str(final)
+
+    def _agree_saved(self, failure: Exception | None, partial: Path, final: Path) -> None:
+        """A collective in place of a barrier: did every rank write its part? If not, every
+        rank raises :class:`~ist_accel.checkpoint.CheckpointSaveError` saying which rank
+        failed and why (a full disk, say), and the incomplete ``.partial`` folder is removed;
+        earlier checkpoints are untouched."""
+        mine = ""
+        if failure is not None:
+            try:
+                left = shutil.disk_usage(final.parent).free
+                free = f"; {left} bytes free on {final.parent}'s file system" + (
+                    ": the disk is full" if left < 1 << 20 else "")
+            except OSError:
+                free = ""
+            mine = f"rank {self.process_index}: {type(failure).__name__}: {failure}{free}"
+            record_failure(f"saving checkpoint {final} failed: {type(failure).__name__}: {failure}{free}")
+        flags = torch.zeros(self.num_processes, dtype=torch.int64, device=self.device)
+        flags[self.process_index] = int(failure is not None)
+        if self.num_processes > 1:
+            dist.all_reduce(flags)
+        failed = flags.nonzero().flatten().tolist()
+        if not failed:
+            return
+        if self.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        reasons = [mine] if mine else [m for m in peer_failures() if int(m.split(":")[0].split()[1]) in failed]
+        error = checkpoint.CheckpointSaveError(
+            f"saving checkpoint {final} failed on rank(s) {failed} ({'; '.join(reasons) or 'no reason recorded'}); "
+            f"the incomplete {partial.name} was removed and earlier checkpoints are untouched. Free disk space "
+            "(or choose another --output-dir) and resume from the last checkpoint")
+        own = getattr(failure, "errno", None)
+        error.errno = own if own is not None else (errno.ENOSPC if "No space left" in str(reasons) else None)
+        raise error from failure
 
     def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
         """Resume from :meth:`save_state`: the same config and world size are required."""
@@ -396,10 +463,36 @@ class ISTAccelerator(Accelerator):
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no {path.name}: not an ISTAccelerator checkpoint, or one "
                                     "written by a different number of processes")
-        self.ist.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.check_rank_state(state, path)
+        self.ist.load_state_dict(state)
         with self._hidden(models=True, optimizers=True):
             super().load_state(str(folder), **kwargs)
         logger.info("IST: resumed at round %d (step %d) from %s", self.ist.round, self.ist.steps, folder)
+
+    def check_rank_state(self, state: Any, path: Path) -> None:
+        """Refuse (on every rank alike) a rank state whose subnet or owner-shard tensors have
+        other shapes than this run's, naming the tensor and both shapes, before anything is
+        loaded (a checkpoint of another ``--hidden`` width, say)."""
+        problem = None
+        if isinstance(state, dict):
+            live = {n: tuple(getattr(t, "ds_shape", t.shape)) for n, t in state_tensors(self.ist.subnet).items()}
+            problem = checkpoint.shape_mismatch(state.get("subnet") or {}, live, "subnet")
+            owners = getattr(getattr(self.ist, "exchange", None), "owners", None)
+            if problem is None and owners is not None:
+                shards = {n: tuple(v.shape) for n, v in owners.values.items()}
+                problem = checkpoint.shape_mismatch(state.get("owners") or {}, shards, "owner-shard")
+        self._refuse_together(problem, path)
+
+    def _refuse_together(self, problem: str | None, path: Path) -> None:
+        flags = torch.tensor([int(problem is not None)], dtype=torch.int64, device=self.device)
+        if self.num_processes > 1:
+            dist.all_reduce(flags)
+        if problem is not None:
+            raise checkpoint.CheckpointError(f"{path}: {problem}")
+        if int(flags.item()):
+            raise checkpoint.CheckpointError(f"{path.parent}: another rank's state does not fit this run's model "
+                                             "(its error names the tensor and both shapes)")
 
     def _load_warmup_state(self, folder: Path, **kwargs: Any) -> None:
         from safetensors.torch import load_file
@@ -408,6 +501,8 @@ class ISTAccelerator(Accelerator):
         weights = folder / "model.safetensors"
         state = load_file(weights) if weights.is_file() else torch.load(
             folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        live = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        self._refuse_together(checkpoint.shape_mismatch(state, live, "model"), weights)
         model.load_state_dict(state)
         with self._hidden(models=True):
             super().load_state(str(folder), **kwargs)
@@ -456,21 +551,70 @@ class ISTAccelerator(Accelerator):
         config = {**(config or {}), "ist": self.ist_config.to_dict()}
         super().init_trackers(project_name, config=config, init_kwargs=init_kwargs)
 
+    def log(self, values: dict, step: int | None = None, log_kwargs: dict | None = None) -> None:
+        """Accelerate's ``log``. IST's round metrics (``ist/*``, and the assignment picture)
+        of the rounds ended since the last call go out first, at the same ``step``: IST
+        follows the loop's own step axis, whatever it counts (optimizer steps, epochs, a
+        counter that restarts after a resume), so a tracker that refuses steps going
+        backwards (W&B) never drops the user's metrics because of IST's."""
+        self._flush_round_logs(step)
+        self._user_logged, self._user_step = True, step if step is not None else self._user_step
+        super().log(values, step=step, log_kwargs=log_kwargs)
+
+    def end_training(self) -> None:
+        """Accelerate's ``end_training``; round metrics not logged yet go out first (at the
+        loop's last logged step, or IST's step when the loop never logged)."""
+        if self._round_logs:
+            self._flush_round_logs(self._user_step if self._user_logged else (self.ist.steps if self.ist else None))
+        super().end_training()
+
+    def _flush_round_logs(self, step: int | None) -> None:
+        pending, self._round_logs = self._round_logs, []
+        if not self.is_main_process:
+            return
+        for values, image in pending:
+            for tracker in self.trackers:
+                tracker.log(values, step=step)
+                if image is not None and hasattr(tracker, "log_images") and tracker.name != "tensorboard":
+                    tracker.log_images({"ist/assignment": [image]}, step=step)
+
     def _log_round(self, metrics: RoundMetrics) -> None:
         if not self.trackers or not self.is_main_process:
             return
-        self.log(round_log(metrics, self.ist.totals, self.ist.subnet_numel()), step=self.ist.steps)
+        values = {**round_log(metrics, self.ist.totals, self.ist.subnet_numel()), "ist/step": self.ist.steps}
         every = self.assignment_log_every
+        image = None
         if every and metrics.round % every == 0:
             image = assignment_image(self.ist.decomposition.assignment(metrics.round))
-            for tracker in self.trackers:
-                if hasattr(tracker, "log_images") and tracker.name != "tensorboard":
-                    tracker.log_images({"ist/assignment": [image]}, step=self.ist.steps)
+        self._round_logs.append((values, image))  # logged with the loop's next log(), at its step
 
     def _engine(self) -> IST:
         if self.ist is None:
             raise RuntimeError("call prepare(model, optimizer, ...) first")
         return self.ist
+
+
+def _timeout_handler(handlers: list[Any], seconds: float, backend: str | None) -> None:
+    """Make sure ``init_process_group`` gets ``seconds`` as its timeout. Accelerate's
+    ``InitProcessGroupKwargs.to_kwargs()`` drops a value equal to its own default (600 s when
+    the backend field says nccl), and gloo then gets torch's 30 minutes; so the handler's
+    ``to_kwargs`` always passes the timeout. A user's own handler keeps its backend and init
+    method; ``ISTConfig.sync_timeout`` is the timeout (a different one is overridden, with a warning)."""
+    handler = next((h for h in handlers if isinstance(h, InitProcessGroupKwargs)), None)
+    timeout = datetime.timedelta(seconds=seconds)
+    if handler is None:
+        handler = InitProcessGroupKwargs(timeout=timeout, **({"backend": backend} if backend else {}))
+        handlers.append(handler)
+    elif handler.timeout not in (timeout, InitProcessGroupKwargs(backend=handler.backend).timeout):
+        logger.warning("InitProcessGroupKwargs(timeout=%s) is replaced by ISTConfig.sync_timeout=%s s: every process "
+                       "group of an IST run uses sync_timeout", handler.timeout, seconds)
+    handler.timeout = timeout
+    clean = InitProcessGroupKwargs(backend=handler.backend, init_method=handler.init_method, timeout=timeout)
+
+    def with_timeout() -> dict[str, Any]:
+        return {**clean.to_kwargs(), "timeout": timeout}
+
+    handler.to_kwargs = with_timeout  # this instance only
 
 
 def _deepspeed_plugin(kwargs: dict[str, Any]) -> DeepSpeedPlugin | None:

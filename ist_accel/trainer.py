@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
 from .accelerate import RANK_STATE, ISTAccelerator, ISTModel, _retarget_scheduler
 from .config import ISTConfig
+from .lifecycle import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +79,14 @@ class ISTTrainerMixin:
             raise TypeError(f"ist_config must be an ist_accel.ISTConfig, got {type(ist_config).__name__}")
         ist_config.validate()
         ist_config.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
+        exit_with_parent()  # a launched worker ends with its launcher
         self.ist_config = ist_config
         self._example_input = example_input
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None:
+            # TrainingArguments set up the process group already (with ddp_timeout; under use_cpu with
+            # torch's 30-minute gloo default); ISTAccelerator puts sync_timeout on every group
+            training_args.ddp_timeout = max(1, math.ceil(ist_config.sync_timeout))
         if training_args is not None and getattr(training_args, "average_tokens_across_devices", False):
             # an all-reduce per step across every rank: IST's groups train apart between rounds
             training_args.average_tokens_across_devices = False
@@ -137,11 +144,16 @@ class ISTTrainerMixin:
         return self.accelerator.ist
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``save_pretrained`` of the global model, gathered from the subnets (every rank calls it)."""
+        """``save_pretrained`` of the global model, gathered from the subnets (every rank calls
+        it), with the evaluation view folded into its weights: ``from_pretrained`` of the
+        folder scores what ``evaluate()`` scores (``push_to_hub`` too). Inside a Trainer
+        checkpoint the raw training values are written, as ``save_state`` does, so resuming
+        from it stays exact."""
         if not isinstance(self.model, ISTModel):
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        state = self.accelerator.get_state_dict(self.model)  # a collective; empty off the main process
+        # a collective; empty off the main process
+        state = self.accelerator.get_state_dict(self.model, raw=getattr(self, "_in_checkpoint", False))
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -149,6 +161,13 @@ class ISTTrainerMixin:
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self._in_checkpoint = True  # the checkpoint's model keeps the raw training values
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self._in_checkpoint = False
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -165,7 +184,9 @@ class ISTTrainerMixin:
         path = Path(checkpoint) / RANK_STATE.format(rank=self.accelerator.process_index)
         if not path.is_file():
             raise FileNotFoundError(f"{checkpoint} has no {path.name}: not an ISTTrainer checkpoint of this world size")
-        self.accelerator.ist.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.accelerator.check_rank_state(state, path)  # another model's shapes: named, before loading
+        self.accelerator.ist.load_state_dict(state)
         logger.info("ISTTrainer: resumed round %d (step %d)", self.accelerator.ist.round, self.accelerator.ist.steps)
 
     @contextlib.contextmanager
