@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,12 +31,14 @@ from torch.utils.data import DataLoader, Dataset
 from . import checkpoint
 from .accelerate import ISTAccelerator
 from .accounting import ring_allreduce_bytes
+from .faults import ISTPeerFailure, ISTSyncError, peer_failed, peer_failures, record_failure
 from .preflight import check_setup
 from .config import DECOMPOSITIONS, OPTIMIZER_STATE_POLICIES, WIRE_DTYPES, ISTConfig
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("ist", "ddp", "localsgd")
+FAILURE_WAIT_SECONDS = 5.0  # a failing rank waits this long for the others to read why, before it exits
 SCHEDULES = ("step", "cosine", "constant")
 
 
@@ -53,6 +56,8 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     g.add_argument("--optimizer-state", choices=OPTIMIZER_STATE_POLICIES, default="reset")
     g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="fp32")
     g.add_argument("--no-eval-scaling", action="store_true", help="evaluate without the papers' eval scaling")
+    g.add_argument("--sync-timeout", type=float, default=600.0,
+                   help="seconds a collective waits for a stalled peer before the run fails with ISTSyncError")
     g.add_argument("--dense-warmup-epochs", type=float, default=0.0,
                    help="ist: train the whole model data-parallel this long first (ResIST's ImageNet setting); "
                         "rounded up to whole rounds")
@@ -108,8 +113,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.dense_warmup_epochs < 0 or (args.dense_warmup_epochs and args.method != "ist"):
         raise SystemExit(f"--dense-warmup-epochs must be >= 0 and needs --method ist, got {args.dense_warmup_epochs} "
                          f"with --method {args.method}")
-    if args.lr <= 0:
-        raise SystemExit(f"--lr must be > 0, got {args.lr}")
+    _check_number("--lr", args.lr, "a finite number > 0", lambda v: v > 0)
+    _check_number("--momentum", args.momentum, "a finite number in [0, 1)", lambda v: 0 <= v < 1)
+    _check_number("--weight-decay", args.weight_decay, "a finite number >= 0", lambda v: v >= 0)
+    _check_number("--sync-timeout", args.sync_timeout, "a finite number of seconds > 0", lambda v: v > 0)
+    _check_number("--clip-grad-norm", args.clip_grad_norm, "a finite number >= 0 (0: no clipping)", lambda v: v >= 0)
+    _check_number("--epochs", args.epochs, "a finite number", lambda v: True)
+    _check_number("--dense-warmup-epochs", args.dense_warmup_epochs, "a finite number >= 0", lambda v: v >= 0)
     if not all(0 < m < 1 for m in args.milestones):
         raise SystemExit(f"--milestones are fractions of training in (0, 1), got {args.milestones}")
     if args.method == "ist" and args.checkpoint_every % args.local_steps:
@@ -124,6 +134,47 @@ def check_args(args: argparse.Namespace) -> None:
             ist_config(args).check_world_size(world)
         except ValueError as error:
             raise SystemExit(f"bad IST setting: {error}") from None
+    if getattr(args, "data", None) is not None and not Path(args.data).exists():
+        raise SystemExit(f"--data {args.data}: no such file or folder (give an ImageFolder root with train/ and "
+                         "val/ or test/, a tarball of one, or, for ist_mlp.py, a folder of MNIST idx files)")
+    check_output_dir(args.output_dir)
+
+
+def _check_number(flag: str, value: float, accepted: str, ok) -> None:
+    if not math.isfinite(value) or not ok(value):
+        raise SystemExit(f"{flag} must be {accepted}, got {value}")
+
+
+def check_output_dir(path: str | Path, flag: str = "--output-dir") -> None:
+    """Refuse an output folder that is an existing file or cannot be written, by creating and
+    removing a probe in it (or, when it does not exist yet, in its nearest existing parent):
+    nothing is left behind and the folder itself is not created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"{flag} {path} is an existing file, not a folder; choose a folder")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SystemExit(f"{flag} {path} cannot be created: {existing} is a file, not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".ist_write_probe_", dir=existing)
+        os.rmdir(probe)
+    except OSError as error:
+        where = "" if existing == path else f" (its nearest existing parent {existing} is not writable)"
+        raise SystemExit(f"{flag} {path} cannot be written{where}: {error.strerror or error}") from None
+
+
+@contextlib.contextmanager
+def data_errors() -> Any:
+    """Data that cannot be read (a missing folder, a wrong layout, no images) as a one-line
+    error rather than a traceback, before any process group exists."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        raise SystemExit(f"cannot load the data: {error}") from None
 
 
 def ist_config(args: argparse.Namespace) -> ISTConfig:
@@ -132,7 +183,7 @@ def ist_config(args: argparse.Namespace) -> ISTConfig:
             num_subnets=args.num_subnets, local_steps=args.local_steps, min_blocks=args.min_blocks,
             decomposition=args.decomposition, stages=args.stages, optimizer_state=args.optimizer_state,
             group_size=args.group_size, seed=args.seed, eval_scaling=not args.no_eval_scaling,
-            wire_dtype=args.wire_dtype,
+            wire_dtype=args.wire_dtype, sync_timeout=getattr(args, "sync_timeout", 600.0),
         )
     except ValueError as error:
         raise SystemExit(f"bad IST setting: {error}") from None
@@ -222,6 +273,38 @@ def train_classifier(
     on the main process), or ``None`` when ``--stop-after-steps`` cut the run short."""
     preflight(args, model, example_input)
     accelerator = make_accelerator(args, example_input, trackers)
+    try:
+        return _train(args, accelerator, model, train_set, eval_set)
+    except Exception as error:
+        reported = _reported(error)
+        if reported is error:
+            raise
+        raise reported from error
+
+
+def _reported(error: Exception) -> Exception:
+    """A failure, told to the other ranks (or, if a peer failed first, with its reason):
+    every rank stops with the message of the rank whose failure started it."""
+    logger.error("%s: %s", type(error).__name__, error)  # now, not after the wait below
+    if isinstance(error, ISTPeerFailure):
+        return error
+    peers = peer_failures()
+    if isinstance(error, ISTSyncError):  # a consequence (a peer died or stalled), not a cause to tell the others
+        if peers and not all(p in str(error) for p in peers):
+            return ISTSyncError(f"{error}. Reported by the peer(s): {'; '.join(peers)}")
+        return error
+    if not peers:  # this rank's own failure: the others stop with its message
+        record_failure(f"{type(error).__name__}: {error}", wait_for_peers=FAILURE_WAIT_SECONDS)
+    return error
+
+
+def _stop_if_a_peer_failed() -> None:
+    if peer_failed():
+        reasons = "; ".join(peer_failures()) or "no reason recorded"
+        raise ISTPeerFailure(f"stopping: another rank failed ({reasons})")
+
+
+def _train(args, accelerator, model, train_set, eval_set) -> dict[str, Any] | None:
     set_seed(args.seed)
     output = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -300,6 +383,7 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
                 if not accelerator.sync_gradients:
                     continue
                 progress.step += 1
+                _stop_if_a_peer_failed()  # one store round trip: every rank stops with the failing rank's reason
                 local_sgd.step()
                 bar.update(1)
                 step = progress.step
@@ -420,8 +504,17 @@ def _resume(accelerator: Accelerator, args: argparse.Namespace, output: Path) ->
     if not found:
         logger.info("--resume auto: no complete checkpoint in %s, starting fresh", _checkpoint_root(output))
         return
-    logger.info("--resume auto: resuming from %s", found[-1])
-    accelerator.load_state(str(found[-1]))
+    for folder in reversed(found):  # the newest checkpoint that verifies (every rank reads the same files)
+        try:
+            checkpoint.verify(folder)
+        except checkpoint.CheckpointError as error:
+            logger.warning("--resume auto: skipping the damaged checkpoint %s (%s); trying an older one", folder, error)
+            continue
+        logger.info("--resume auto: resuming from %s", folder)
+        accelerator.load_state(str(folder))
+        return
+    raise checkpoint.CheckpointError(f"--resume auto: every checkpoint in {_checkpoint_root(output)} is damaged "
+                                     f"({', '.join(p.name for p in found)}); remove them to start fresh")
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:
@@ -447,5 +540,6 @@ def finish(code: int = 0) -> None:
     os._exit(code)
 
 
-__all__ = ["METHODS", "Progress", "add_training_args", "check_args", "evaluate", "finish", "ist_config",
+__all__ = ["METHODS", "Progress", "add_training_args", "check_args", "check_output_dir", "data_errors", "evaluate",
+           "finish", "ist_config",
            "lr_lambda", "make_accelerator", "preflight", "setup_logging", "train_classifier"]

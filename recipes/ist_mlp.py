@@ -18,7 +18,7 @@ from ist_accel.data import load_image_data, load_mnist
 from ist_accel.models import MLP
 from accelerate.utils import set_seed
 
-from ist_accel.training import add_training_args, check_args, finish, setup_logging, train_classifier
+from ist_accel.training import add_training_args, check_args, data_errors, finish, setup_logging, train_classifier
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,11 +40,12 @@ def main() -> None:
     setup_logging()
     args = parse_args()
     set_seed(args.seed)  # the same initial model in every rank and every run
-    if any(Path(args.data).glob("train-images-idx3-ubyte*")):
-        train_set, eval_set = load_mnist(args.data)
-        num_classes = 10
-    else:
-        train_set, eval_set, num_classes, _ = load_image_data(args.data, augment="cifar", cache=args.data_cache)
+    with data_errors():  # a wrong layout or unreadable files: one line, before any process group
+        if any(Path(args.data).glob("train-images-idx3-ubyte*")):
+            train_set, eval_set = load_mnist(args.data)
+            num_classes = 10
+        else:
+            train_set, eval_set, num_classes, _ = load_image_data(args.data, augment="cifar", cache=args.data_cache)
     in_features = train_set[0][0].numel()
     model = MLP(in_features, args.hidden, num_classes, norm=None if args.norm == "none" else args.norm,
                 dropout=args.dropout)

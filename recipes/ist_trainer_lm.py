@@ -26,7 +26,7 @@ import transformers
 
 from ist_accel import ISTConfig
 from ist_accel.trainer import ISTTrainer
-from ist_accel.training import finish, setup_logging
+from ist_accel.training import check_output_dir, finish, setup_logging
 
 TINY = {
     "gpt2-tiny": lambda vocab, block: transformers.GPT2Config(
@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     i.add_argument("--local-steps", type=int, default=10)
     i.add_argument("--min-blocks", type=int, default=0, help="layers: minimum layers per subnet")
     i.add_argument("--optimizer-state", choices=("reset", "carry"), default="carry")
+    i.add_argument("--sync-timeout", type=float, default=600.0,
+                   help="seconds a collective waits for a stalled peer before the run fails with ISTSyncError")
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, default=100)
     t.add_argument("--batch-size", type=int, default=8, help="per process")
@@ -87,6 +89,11 @@ def check(args: argparse.Namespace) -> None:
     for name in ("block_size", "local_steps", "max_steps", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise SystemExit(f"--lr must be a finite number > 0, got {args.lr}")
+    if not math.isfinite(args.sync_timeout) or args.sync_timeout <= 0:
+        raise SystemExit(f"--sync-timeout must be a finite number of seconds > 0, got {args.sync_timeout}")
+    check_output_dir(args.output_dir)
     if args.save_steps < 0 or args.save_steps % args.local_steps:
         raise SystemExit(f"--save-steps {args.save_steps} must be a multiple of --local-steps {args.local_steps}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -105,7 +112,7 @@ def config(args: argparse.Namespace) -> ISTConfig:
     try:
         return ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                          min_blocks=args.min_blocks, decomposition=args.decomposition,
-                         optimizer_state=args.optimizer_state, seed=args.seed)
+                         optimizer_state=args.optimizer_state, seed=args.seed, sync_timeout=args.sync_timeout)
     except ValueError as error:
         raise SystemExit(f"bad IST setting: {error}") from None
 

@@ -17,7 +17,7 @@ from ist_accel.data import load_hf_image_dataset, load_image_data
 from ist_accel.models import build_model
 from accelerate.utils import set_seed
 
-from ist_accel.training import add_training_args, check_args, finish, setup_logging, train_classifier
+from ist_accel.training import add_training_args, check_args, data_errors, finish, setup_logging, train_classifier
 
 ARCHS = ("preact_resnet18", "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152",
          "preact_resnet20", "preact_resnet32", "preact_resnet56", "preact_resnet110")
@@ -41,10 +41,11 @@ def main() -> None:
     setup_logging()
     args = parse_args()
     set_seed(args.seed)  # the same initial model in every rank and every run
-    if args.dataset_name:
-        train_set, eval_set, num_classes, _ = load_hf_image_dataset(args.dataset_name, 32, "cifar")
-    else:
-        train_set, eval_set, num_classes, _ = load_image_data(args.data, 32, "cifar", args.data_cache, args.seed)
+    with data_errors():  # a wrong layout or unreadable files: one line, before any process group
+        if args.dataset_name:
+            train_set, eval_set, num_classes, _ = load_hf_image_dataset(args.dataset_name, 32, "cifar")
+        else:
+            train_set, eval_set, num_classes, _ = load_image_data(args.data, 32, "cifar", args.data_cache, args.seed)
     model = build_model(args.arch, num_classes=num_classes)
     train_classifier(args, model, train_set, eval_set)
     finish()

@@ -19,7 +19,7 @@ from ist_accel.data import load_hf_image_dataset, load_image_data
 from ist_accel.models import MODEL_NAMES, build_model
 from accelerate.utils import set_seed
 
-from ist_accel.training import add_training_args, check_args, finish, setup_logging, train_classifier
+from ist_accel.training import add_training_args, check_args, data_errors, finish, setup_logging, train_classifier
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,11 +44,13 @@ def main() -> None:
     setup_logging()
     args = parse_args()
     set_seed(args.seed)  # the same initial model in every rank and every run
-    if args.dataset_name:
-        train_set, eval_set, num_classes, size = load_hf_image_dataset(args.dataset_name, args.image_size, args.augment)
-    else:
-        train_set, eval_set, num_classes, size = load_image_data(args.data, args.image_size, args.augment,
-                                                                 args.data_cache, seed=args.seed)
+    with data_errors():  # a wrong layout or unreadable files: one line, before any process group
+        if args.dataset_name:
+            train_set, eval_set, num_classes, size = load_hf_image_dataset(args.dataset_name, args.image_size,
+                                                                           args.augment)
+        else:
+            train_set, eval_set, num_classes, size = load_image_data(args.data, args.image_size, args.augment,
+                                                                     args.data_cache, seed=args.seed)
     stem = None
     if args.arch.removeprefix("preact_resnet") in ("18", "34", "50", "101", "152"):
         stem = args.stem if args.stem != "auto" else ("imagenet" if size > 64 else "cifar")
