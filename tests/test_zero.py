@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from launch import ROOT, accelerate_launch, torchrun  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_recipes import MNIST, RECIPES, launch, needs_mnist  # noqa: E402
-from test_accelerate import ACCUM, LOCAL_STEPS, ROUNDS, reference  # noqa: E402
+from test_accelerate import ACCUM, LOCAL_STEPS, ROUNDS, exported, reference  # noqa: E402
 
 from ist_accel import ISTConfig  # noqa: E402
 from ist_accel.zero import check_deepspeed_config  # noqa: E402
@@ -38,7 +38,7 @@ def test_zero_inside_groups_matches_reference(tmp_path, deepspeed_cpu_comm_op, s
     assert all(p.exists() for p in ranks) and (tmp_path / "global.pt").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     got = torch.load(tmp_path / "global.pt")
     expected, expected_logits = reference("mlp", S, G, policy)
-    for key, value in expected.state_dict().items():
+    for key, value in exported(expected, S, G).items():  # get_state_dict exports the evaluated model
         if value.is_floating_point():
             torch.testing.assert_close(got["global"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
     torch.testing.assert_close(got["logits"], expected_logits, rtol=1e-5, atol=1e-5)
