@@ -110,12 +110,15 @@ def test_a_stopped_peer_ends_the_run_with_ISTSyncError_within_sync_timeout(tmp_p
 @pytest.mark.parametrize("mode", ["trainer", "deepspeed", "user"])
 def test_sync_timeout_reaches_a_default_group_created_elsewhere(tmp_path, mode, request):
     """The default group made by TrainingArguments (use_cpu: torch's 30-minute gloo default), by
-    DeepSpeed's init_distributed, or by the user's own init_process_group, gets sync_timeout;
-    600 s is the value Accelerate's InitProcessGroupKwargs.to_kwargs() used to drop."""
+    DeepSpeed's init_distributed (its own default, here DEEPSPEED_TIMEOUT=30 minutes), or by the
+    user's own init_process_group, gets sync_timeout; 600 s is the value Accelerate's
+    InitProcessGroupKwargs.to_kwargs() used to drop."""
+    env = {"HF_HUB_OFFLINE": "1"}
     if mode == "deepspeed":
         request.getfixturevalue("deepspeed_cpu_comm_op")
+        env["DEEPSPEED_TIMEOUT"] = "30"
     proc = torchrun("timeout_worker.py", 2, ["--mode", mode, "--timeout", "600", "--out", str(tmp_path)],
-                    env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+                    env=env, timeout=300)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)
                if (tmp_path / f"rank{r}.json").exists()]
     assert len(results) == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
