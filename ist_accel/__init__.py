@@ -17,8 +17,11 @@ from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTSyncError
 from .plan import Plan, make_plan
 from .preflight import check_setup
 from .reference import ReferenceIST
-from .round import IST, RoundMetrics, SubnetTensors
-from .zero import GroupTopology, ZeroSubnet, check_deepspeed_config
+from .round import IST, RoundMetrics
+from .subnet import SubnetTensors
+from .topology import Topology
+from .transfer import TransferPlan, build_plan
+from .zero import ZeroSubnet, check_deepspeed_config
 
 __version__ = "0.1.0"
 
@@ -26,7 +29,6 @@ __all__ = [
     "Assignment",
     "CheckpointError",
     "Decomposition",
-    "GroupTopology",
     "IST",
     "ISTAccelerator",
     "ISTAgreementError",
@@ -43,8 +45,11 @@ __all__ = [
     "RoundMetrics",
     "RoundBytes",
     "SubnetTensors",
+    "Topology",
+    "TransferPlan",
     "ZeroSubnet",
     "check_deepspeed_config",
+    "build_plan",
     "check_setup",
     "decompose",
     "find_residual_stages",

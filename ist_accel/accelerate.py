@@ -231,12 +231,12 @@ class ISTAccelerator(Accelerator):
     def _prepare_zero(self, args: tuple, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> Any:
         """Under DeepSpeed: one engine per subnet group, built once over the subnet and its
         mirrored optimizer, with ZeRO's data-parallel world = the group (``mpu``)."""
-        from .zero import GroupTopology, ZeroSubnet
+        from .zero import ZeroSubnet
 
         model.to(self.device)
         self.ist_model = ISTModel(None, model)
         self._start_ist(model, user_optimizer)
-        topology = GroupTopology(self.ist)
+        topology = self.ist.topology.for_deepspeed()
         rest = [a for a in args if a is not model and a is not user_optimizer]
         for obj in rest:
             if _is_scheduler(obj) and getattr(obj, "optimizer", None) is user_optimizer:

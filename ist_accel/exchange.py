@@ -1,350 +1,276 @@
-"""Moving subnets between rounds: each element straight from where it lives to where it
-is needed next, in one all-to-all among the S group leaders, averaged on arrival.
+"""Carrying out a :class:`~ist_accel.transfer.TransferPlan`: pack, wire, unpack.
 
-Knows nothing of model types: it sees *fields* (a global tensor name and shape) and,
-per round, the :class:`~ist_accel.decompose.Piece` each group holds of them.
+* **pack** reads every value that leaves its place (the shared set into one bucket, each
+  message to another group, and this group's own values that change place) into flat
+  buffers that are allocated once and reused round after round;
+* **wire** all-reduces the shared bucket among the S groups and moves every message in
+  one batch of point-to-point sends: each unit straight from its holder(s) to its next
+  holder(s). With G ranks per group every replica moves only its ``1/G`` stripe of each
+  message to its counterpart in the other groups (slow links) and an all-gather inside
+  the group (fast links) completes what arrived;
+* **unpack** writes each received box into the next round's subnet tensor or owner shard,
+  averages whole tensors over their holders, and divides the shared bucket by S.
 
-* A field every group holds whole in both rounds (the shared set) is averaged in one
-  bucket by reduce-scatter + all-gather (``2 (S-1)/S`` of its size per rank).
-* A field held whole by some groups (ResIST blocks) travels whole from each holder to
-  each next holder that is not itself the only holder.
-* A field held in disjoint index pieces (IST) is planned element by element: an element
-  lives in its holder's subnet, or, where nobody holds it, in its owner group's *owner
-  shard* (contiguous row chunks, :func:`~ist_accel.accounting.owner_group`). It moves
-  from where it lives now to where it will live next, unless that is the same place.
-
-Every rank derives the whole plan from the shared assignments, so message sizes agree
-without any handshake. Bytes sent and received are counted per round.
+Reads all happen in pack and writes all in unpack, so the current and the next round's
+tensors may be the same storage. Values that stay where they are are not touched.
+The phases are separate so that a test can run several groups' packs and unpacks in one
+process and route the messages itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
-from .accounting import owner_group
-from .decompose import Piece
-
-# newer torch names them *_single (the *_tensor names warn there); older releases have only *_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from .topology import Topology
+from .transfer import Segment, TransferPlan, read_box, write_box
+from .transport import Transport
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass
-class CommStats:
-    """Bytes this rank sent/received, by kind, since the counter was last reset."""
-
-    sent: int = 0
-    received: int = 0
-    allreduce_sent: int = 0
-    intra_group: int = 0
-
-    def add(self, other: "CommStats") -> None:
-        self.sent += other.sent
-        self.received += other.received
-        self.allreduce_sent += other.allreduce_sent
-        self.intra_group += other.intra_group
-
-
-@dataclass
-class Field:
-    """One averaged tensor of the global model: a parameter, a float buffer, or one
-    optimizer-state entry of a parameter (``"<param>:<key>"``)."""
-
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    now: dict[int, Piece] = field(default_factory=dict)  # group -> piece held this round
-    next: dict[int, Piece] = field(default_factory=dict)  # group -> piece held next round
-
-    @property
-    def whole(self) -> bool:
-        return all(p.index is None for p in (*self.now.values(), *self.next.values()))
-
-
 class OwnerShards:
-    """The rows of index-split fields that this group owns while nobody holds them."""
+    """Rows of index-cut tensors that this group owns while no group holds them
+    (:func:`~ist_accel.transfer.owner_rows`): name -> values of rows ``[lo, hi)``."""
 
-    def __init__(self, group: int, num_groups: int, device: torch.device | str = "cpu") -> None:
-        self.group = group
-        self.device = torch.device(device)
-        self.num_groups = num_groups
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.rows: dict[str, tuple[int, int]] = {}
         self.values: dict[str, torch.Tensor] = {}
 
-    def row_range(self, shape: torch.Size) -> tuple[int, int]:
-        rows = shape[0]
-        owners = owner_group(torch.arange(rows), rows, self.num_groups)
-        mine = (owners == self.group).nonzero().flatten()
-        return (int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)
-
-    def ensure(self, name: str, shape: torch.Size, dtype: torch.dtype, init: torch.Tensor | None = None) -> None:
-        if name in self.values:
-            return
-        lo, hi = self.row_range(shape)
-        self.rows[name] = (lo, hi)
-        self.values[name] = (init[lo:hi].clone() if init is not None else torch.zeros((hi - lo, *shape[1:]), dtype=dtype, device=self.device))
+    def ensure(self, name: str, rows: tuple[int, int], shape: torch.Size, dtype: torch.dtype,
+               init: torch.Tensor | None = None) -> torch.Tensor:
+        if name not in self.values:
+            lo, hi = rows
+            self.rows[name] = rows
+            self.values[name] = (init[lo:hi].detach().clone().to(self.device) if init is not None else
+                                 torch.zeros((hi - lo, *shape[1:]), dtype=dtype, device=self.device))
+        return self.values[name]
 
     def numel(self) -> int:
         return sum(v.numel() for v in self.values.values())
 
 
-def _positions(piece: Piece | None, shape: torch.Size) -> torch.Tensor:
-    """Global-shaped map: local flat position of each element in ``piece`` (else -1)."""
-    return torch.full(shape, -1, dtype=torch.int64) if piece is None else piece.positions(shape)
+class Buffers:
+    """Flat buffers by name, grown when a plan needs more and reused otherwise."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._store: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, dtype)
+        held = self._store.get(key)
+        if held is None or held.numel() < numel:
+            held = torch.empty(max(numel, int(1.25 * held.numel()) if held is not None else numel), dtype=dtype,
+                               device=self.device)
+            self._store[key] = held
+        return held[:numel]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._store.values())
 
 
-def _locations(f: Field, pieces: dict[int, Piece], num_groups: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Per element (flat), the group it lives in this round (its holder, else its owner)
-    and its position there in ``cat(subnet piece, owner rows)``; and whether any element
-    is unheld. Index pieces of one round are disjoint (IST); overlap is refused."""
-    shape, numel = f.shape, f.shape.numel()
-    group = torch.full((numel,), -1, dtype=torch.int64)
-    position = torch.full((numel,), -1, dtype=torch.int64)
-    flat = torch.arange(numel)
-    for g, piece in sorted(pieces.items()):
-        local = piece.positions(shape).reshape(-1)
-        held = local >= 0
-        if (held & (group >= 0)).any():
-            raise ValueError(f"index pieces of {f.name!r} overlap; the exchange needs disjoint index pieces")
-        group = torch.where(held, g, group)
-        position = torch.where(held, local, position)
-    unheld = group < 0
-    if not unheld.any():
-        return group, position, False
-    rows = shape[0]
-    row_size = numel // rows
-    owner_of_row = owner_group(torch.arange(rows), rows, num_groups)
-    first_row = torch.searchsorted(owner_of_row, torch.arange(num_groups))
-    held = torch.tensor([pieces[g].numel(shape) if g in pieces else 0 for g in range(num_groups)])
-    owner = owner_of_row[flat // row_size]
-    group = torch.where(unheld, owner, group)
-    position = torch.where(unheld, held[owner] + flat - first_row[owner] * row_size, position)
-    return group, position, True
+@dataclass
+class Timings:
+    """Seconds of one exchange by phase (``wire`` includes waiting for peers)."""
+
+    pack: float = 0.0
+    wire: float = 0.0
+    unpack: float = 0.0
+    shared: float = 0.0  # of wire: the shared bucket's all-reduce
+
+
+@dataclass
+class Packed:
+    """What pack produced: the bucket, the messages by peer group, the keep message."""
+
+    bucket: torch.Tensor
+    messages: dict[int, torch.Tensor]
+    keep: torch.Tensor
+    received: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Exchange:
-    """Runs one round transition for one rank of group ``group``.
+    """Runs transfer plans for one rank (module docstring)."""
 
-    With G ranks per group (replicas holding identical values), every replica plans the
-    whole transition but moves only its stripe, ``1/G`` of each message, to the replica
-    with the same index in the other groups (``stripe_pg``: slow links); an all-gather
-    inside the group (``intra_pg``: fast links) completes what arrived.
-    """
-
-    def __init__(self, group: int, num_groups: int, *, replica: int = 0, group_size: int = 1,
-                 stripe_pg: dist.ProcessGroup | None = None, intra_pg: dist.ProcessGroup | None = None,
-                 wire_dtype: str = "fp32", device: torch.device | str = "cpu") -> None:
-        self.group = group
-        self.device = torch.device(device)
-        self.S = num_groups
-        self.replica = replica
-        self.G = group_size
-        self.stripe_pg = stripe_pg
-        self.intra_pg = intra_pg
+    def __init__(self, topology: Topology, transport: Transport, wire_dtype: str = "fp32",
+                 device: torch.device | str = "cpu") -> None:
+        self.topology, self.transport = topology, transport
         self.wire = WIRE_DTYPES[wire_dtype]
-        self.owners = OwnerShards(group, num_groups, self.device)
-        self._maps: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.device = torch.device(device)
+        self.owners = OwnerShards(self.device)
+        self.buffers = Buffers(self.device)
+        # the subnet's shared tensors as views of one flat buffer, and its layout (set by the engine)
+        self.flat_shared: tuple[torch.Tensor, tuple[tuple[str, int, int], ...]] | None = None
 
-    def run(
-        self,
-        fields: list[Field],
-        read: Callable[[str], torch.Tensor | None],
-        write: Callable[[str, torch.Tensor], None],
-        round_: int,
-    ) -> CommStats:
-        """Average every field over its current places (round ``round_``) and deliver it
-        to its next ones.
+    def run(self, plan: TransferPlan, current: Mapping[int, torch.Tensor], targets: Mapping[int, torch.Tensor]) -> Timings:
+        """One round transition: ``current[i]`` is this group's tensor of field ``i`` this round
+        (absent if it holds none), ``targets[i]`` the tensor it holds next round."""
+        timings = Timings()
+        start = time.perf_counter()
+        packed = self.pack(plan, current)
+        timings.pack = time.perf_counter() - start
+        start = time.perf_counter()
+        timings.shared = self.wire_messages(plan, packed)
+        timings.wire = time.perf_counter() - start
+        start = time.perf_counter()
+        self.unpack(plan, packed, targets)
+        timings.unpack = time.perf_counter() - start
+        return timings
 
-        ``read(name)`` returns this group's current subnet tensor of a field (``None`` if it
-        holds none); ``write(name, value)`` stores its next subnet tensor.
-        """
-        self._round = round_
-        self._maps = {k: v for k, v in self._maps.items() if k[1] >= round_}  # this round: cached last sync
-        stats = CommStats()
-        shared = [f for f in fields if f.whole and len(f.now) == len(f.next) == self.S]
-        self._average_shared(shared, read, write, stats)
-        sends: list[list[torch.Tensor]] = [[] for _ in range(self.S)]
-        recv_plan: list[list[tuple[Field, torch.Tensor | None, int]]] = [[] for _ in range(self.S)]
-        finish: list[Callable[[list[torch.Tensor]], None]] = []
-        for f in fields:
-            if f in shared:
-                continue
-            if f.whole and all(f.now.values()) and f.now:
-                self._plan_whole(f, read, write, sends, recv_plan, finish)
-            else:
-                self._plan_indexed(f, read, write, sends, recv_plan, finish)
-        received = self._all_to_all(sends, [sum(n for _, _, n in plan) for plan in recv_plan], stats)
-        for fn in finish:
-            fn(received)
-        return stats
+    # ---- pack -------------------------------------------------------------------
 
-    # ---- shared: one bucketed all-reduce ------------------------------------
+    def _flat_bucket(self, plan: TransferPlan) -> torch.Tensor | None:
+        """The flat shared buffer, when it is laid out as this plan's bucket."""
+        if self.flat_shared is None or self.wire != torch.float32:
+            return None
+        flat, layout = self.flat_shared
+        ok = layout == tuple((plan.fields[i].name, offset, n) for i, offset, n in plan.shared)
+        return flat if ok else None
 
-    def _average_shared(self, shared, read, write, stats) -> None:
-        """Average the shared set: reduce-scatter then all-gather among the S groups
-        (bandwidth-optimal: each rank sends ``2 (S-1)/S`` of its stripe)."""
-        if not shared:
-            return
-        flat = torch.cat([read(f.name).reshape(-1).to(torch.float32) for f in shared])
-        if self.S > 1:
-            stripe = _stripe(flat, self.G, self.replica).to(self.wire)
-            chunk = -(-stripe.numel() // self.S)
-            padded = torch.zeros(chunk * self.S, dtype=self.wire, device=self.device)
-            padded[: stripe.numel()] = stripe
-            mine = torch.empty(chunk, dtype=self.wire, device=self.device)
-            _reduce_scatter(mine, padded, group=self.stripe_pg)
-            _all_gather(padded, mine, group=self.stripe_pg)
-            stats.allreduce_sent += 2 * (self.S - 1) * chunk * padded.element_size()
-            stripe = padded[: stripe.numel()]
-            flat = self._gather_stripes([stripe], [flat.numel()], stats)[0].to(torch.float32)
-        flat /= self.S
-        offset = 0
-        for f in shared:
-            n = f.shape.numel()
-            write(f.name, flat[offset : offset + n].view(f.shape).to(f.dtype))
-            offset += n
+    def pack(self, plan: TransferPlan, current: Mapping[int, torch.Tensor]) -> Packed:
+        self._ensure_owners(plan)
+        bucket = self._flat_bucket(plan)
+        if bucket is None:
+            bucket = self.buffers.get("shared", plan.shared_numel, self.wire)
+            for i, offset, n in plan.shared:
+                bucket[offset : offset + n].copy_(current[i].reshape(-1))
+        send = self.buffers.get("send", sum(plan.send_sizes.values()), self.wire)
+        messages, offset = {}, 0
+        for c in sorted(plan.send_sizes):
+            messages[c] = send[offset : offset + plan.send_sizes[c]]
+            offset += plan.send_sizes[c]
+            for seg in plan.outgoing[c]:
+                self._take(plan, current, seg, messages[c])
+            for i, at in plan.whole_out[c]:
+                value = current[i]
+                messages[c][at : at + value.numel()].copy_(value.reshape(-1))
+        keep = self.buffers.get("keep", plan.keep_size, torch.float32)  # local: not rounded to the wire dtype
+        for seg in plan.keep_out:
+            self._take(plan, current, seg, keep)
+        for i, at in plan.whole_keep:
+            value = current[i]
+            keep[at : at + value.numel()].copy_(value.reshape(-1))
+        return Packed(bucket, messages, keep)
 
-    # ---- whole tensors (ResIST blocks) --------------------------------------
+    def _take(self, plan: TransferPlan, current: Mapping[int, torch.Tensor], seg: Segment, out: torch.Tensor) -> None:
+        source = current[seg.field] if seg.store == "sub" else self.owners.values[plan.fields[seg.field].name]
+        read_box(source, seg.rows, seg.cols, out[seg.offset : seg.offset + seg.numel].view(seg.shape))
 
-    def _plan_whole(self, f, read, write, sends, recv_plan, finish) -> None:
-        me, holders, nxt = self.group, sorted(f.now), sorted(f.next)
-        mine = read(f.name) if me in f.now else None
-        n = f.shape.numel()
-        for c in nxt:
-            if c != me and mine is not None:
-                sends[c].append(mine.reshape(-1))
-        if me not in f.next:
-            return
-        sources = [a for a in holders if a != me]
-        slots = []
-        for a in sources:
-            slots.append((a, sum(k for _, _, k in recv_plan[a])))
-            recv_plan[a].append((f, None, n))
+    # ---- wire -------------------------------------------------------------------
 
-        def done(received, f=f, slots=slots, mine=mine, count=len(holders)):
-            total = torch.zeros(n, dtype=torch.float32, device=self.device) if mine is None else mine.reshape(-1).to(torch.float32).clone()
-            for a, offset in slots:
-                total += received[a][offset : offset + n].to(torch.float32)
-            write(f.name, (total / count).view(f.shape).to(f.dtype))
+    def wire_messages(self, plan: TransferPlan, packed: Packed) -> float:
+        """Move the bucket and the messages; returns the seconds of the shared all-reduce."""
+        top, G = self.topology, self.topology.G
+        start = time.perf_counter()
+        if plan.shared_numel and top.S > 1:
+            stripe = _stripe(packed.bucket, G, top.replica)
+            self.transport.all_reduce(stripe, "shared", group=top.stripe)
+            if G > 1:
+                self._gather_stripes({0: packed.bucket}, {0: packed.bucket.numel()}, "bucket")
+        shared = time.perf_counter() - start
+        recv = self.buffers.get("recv", sum(_stripe_size(n, G, top.replica) for n in plan.recv_sizes.values()), self.wire)
+        stripes, offset = {}, 0
+        for a in sorted(plan.recv_sizes):
+            k = _stripe_size(plan.recv_sizes[a], G, top.replica)
+            stripes[a] = recv[offset : offset + k]
+            offset += k
+        self.transport.point_to_point(
+            {top.peer(c): _stripe(m, G, top.replica) for c, m in packed.messages.items()},
+            {top.peer(a): s for a, s in stripes.items()}, "exchange")
+        if G > 1:
+            full = self.buffers.get("recv_full", sum(plan.recv_sizes.values()), self.wire)
+            whole, offset = {}, 0
+            for a in sorted(plan.recv_sizes):
+                whole[a] = full[offset : offset + plan.recv_sizes[a]]
+                offset += plan.recv_sizes[a]
+            self._gather_stripes(whole, plan.recv_sizes, "gathered", mine=stripes)
+            packed.received = whole
+        else:
+            packed.received = stripes
+        return shared
 
-        finish.append(done)
-
-    # ---- index pieces (IST), with owner shards ------------------------------
-
-    def _plan_indexed(self, f, read, write, sends, recv_plan, finish) -> None:
-        me, S = self.group, self.S
-        group_now, pos_now, unheld_now = self.locations(f, now=True)
-        group_next, pos_next, unheld_next = self.locations(f, now=False)
-        if unheld_now or unheld_next:
-            self.owners.ensure(f.name, f.shape, f.dtype)  # optimizer state starts at zero
-        store = self.owners.values.get(f.name, torch.zeros(0, dtype=f.dtype, device=self.device))
-        mine_sub = read(f.name) if me in f.now else None
-        local_now = torch.cat([
-            mine_sub.reshape(-1).to(torch.float32) if mine_sub is not None else torch.zeros(0, device=self.device),
-            store.reshape(-1).to(torch.float32),
-        ])
-        # what lives here now, by destination (stable sort keeps flat order within each)
-        here = (group_now == me).nonzero().flatten()
-        to = group_next[here]
-        order = torch.sort(to, stable=True).indices
-        outgoing = torch.split(local_now[pos_now[here[order]].to(self.device)], torch.bincount(to, minlength=S).tolist())
-        for c in range(S):
-            if c != me and outgoing[c].numel():
-                sends[c].append(outgoing[c])
-        # what lives here next, by source
-        arriving = (group_next == me).nonzero().flatten()
-        if not arriving.numel():
-            return
-        source = group_now[arriving]
-        order = torch.sort(source, stable=True).indices
-        counts = torch.bincount(source, minlength=S).tolist()
-        targets = torch.split(pos_next[arriving[order]].to(self.device), counts)
-        kept = torch.split(pos_now[arriving[order]].to(self.device), counts)[me]
-        held_next = f.next[me].numel(f.shape) if me in f.next else 0
-        stored = pos_next[arriving]
-        stored = stored[stored >= held_next].to(self.device)
-        slots = []
-        for a in range(S):
-            if a != me and counts[a]:
-                slots.append((a, sum(m for _, _, m in recv_plan[a]), counts[a], targets[a]))
-                recv_plan[a].append((f, None, counts[a]))
-
-        def done(received, f=f, slots=slots, store=store):
-            value = torch.zeros(held_next + store.numel(), dtype=torch.float32, device=self.device)
-            value[targets[me]] = local_now[kept]
-            for a, offset, k, positions in slots:
-                value[positions] = received[a][offset : offset + k]
-            if held_next:
-                write(f.name, value[:held_next].view(_piece_shape(f.next[me], f.shape)).to(f.dtype))
-            store.view(-1)[stored - held_next] = value[stored].to(store.dtype)
-
-        finish.append(done)
-
-    def locations(self, f: Field, now: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """:func:`_locations` of ``f`` this round or next, cached per tensor and round (the
-        next round's maps are reused as the current ones at the following sync, and a
-        parameter's optimizer-state fields share its maps)."""
-        key = (f.name.partition(":")[0], self._round + (0 if now else 1))
-        if key not in self._maps:
-            self._maps[key] = _locations(f, f.now if now else f.next, self.S)
-        return self._maps[key]
-
-    # ---- the one all-to-all ---------------------------------------------------
-
-    def _all_to_all(self, sends: list[list[torch.Tensor]], recv_sizes: list[int], stats: CommStats) -> list[torch.Tensor]:
-        """One batch of point-to-point messages, one per (holder, next holder) pair with
-        anything to move; with G > 1 each replica moves its stripe of every message.
-        (gloo's uneven ``all_to_all_single`` mis-sized messages when many splits were
-        empty; direct messages move exactly the same bytes.)"""
-        full = [torch.cat(m).to(self.wire) if m else torch.zeros(0, dtype=self.wire, device=self.device) for m in sends]
-        recv = [torch.empty(_stripe_size(n, self.G, self.replica), dtype=self.wire, device=self.device)
-                for n in recv_sizes]
-        ops = []
-        for peer in range(self.S):
-            if peer == self.group:
-                continue
-            rank = peer * self.G + self.replica  # P2P ops take global ranks
-            stripe = _stripe(full[peer], self.G, self.replica).contiguous()
-            if stripe.numel():
-                ops.append(dist.P2POp(dist.isend, stripe, rank))
-                stats.sent += stripe.numel() * stripe.element_size()
-            if recv[peer].numel():
-                ops.append(dist.P2POp(dist.irecv, recv[peer], rank))
-                stats.received += recv[peer].numel() * recv[peer].element_size()
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-        return [t.to(torch.float32) for t in self._gather_stripes(recv, recv_sizes, stats)]
-
-    def _gather_stripes(self, stripes: list[torch.Tensor], sizes: list[int], stats: CommStats) -> list[torch.Tensor]:
-        """Rebuild whole messages of ``sizes`` from every replica's stripes (one padded
-        all-gather inside the group)."""
-        if self.G == 1:
-            return stripes
-        mine = torch.cat(stripes) if stripes else torch.zeros(0, dtype=self.wire, device=self.device)
-        lengths = [sum(_stripe_size(n, self.G, g) for n in sizes) for g in range(self.G)]
+    def _gather_stripes(self, whole: dict[int, torch.Tensor], sizes: Mapping[int, int], name: str,
+                        mine: dict[int, torch.Tensor] | None = None) -> None:
+        """Fill each ``whole[k]`` (``sizes[k]`` elements) from every replica's stripe of it:
+        one all-gather inside the group of the replicas' stripes, padded to one length."""
+        top, G = self.topology, self.topology.G
+        keys = sorted(sizes)
+        lengths = [sum(_stripe_size(sizes[k], G, g) for k in keys) for g in range(G)]
         width = max(lengths)
-        padded = torch.zeros(width, dtype=mine.dtype, device=self.device)
-        padded[: mine.numel()] = mine
-        gathered = [torch.empty_like(padded) for _ in range(self.G)]
-        dist.all_gather(gathered, padded, group=self.intra_pg)
-        stats.intra_group += (self.G - 1) * width * padded.element_size()
-        offsets = [0] * self.G
-        out = []
-        for n in sizes:
-            parts = []
-            for g in range(self.G):
-                k = _stripe_size(n, self.G, g)
-                parts.append(gathered[g][offsets[g] : offsets[g] + k])
-                offsets[g] += k
-            out.append(torch.cat(parts))
-        return out
+        gathered = self.buffers.get(name, G * width, self.wire)
+        parts = [gathered[g * width : (g + 1) * width] for g in range(G)]
+        local = self.buffers.get(name + "_local", width, self.wire)
+        offset = 0
+        for k in keys:
+            piece = mine[k] if mine is not None else _stripe(whole[k], G, top.replica)
+            local[offset : offset + piece.numel()].copy_(piece)
+            offset += piece.numel()
+        self.transport.all_gather(parts, local, "intra", group=top.intra)
+        offsets = [0] * G
+        for k in keys:
+            start = 0
+            for g in range(G):
+                m = _stripe_size(sizes[k], G, g)
+                whole[k][start : start + m].copy_(parts[g][offsets[g] : offsets[g] + m])
+                start += m
+                offsets[g] += m
+
+    # ---- unpack -----------------------------------------------------------------
+
+    def unpack(self, plan: TransferPlan, packed: Packed, targets: Mapping[int, torch.Tensor]) -> None:
+        for seg in plan.keep_in:
+            self._put(plan, targets, seg, packed.keep)
+        for a, segments in plan.incoming.items():
+            for seg in segments:
+                self._put(plan, targets, seg, packed.received[a])
+        me = plan.group
+        for avg in plan.averages:
+            target = targets[avg.field]
+            n = target.numel()
+
+            def part(holder: int, where: int | str) -> torch.Tensor:
+                if holder != me:
+                    return packed.received[holder][where : where + n].view(target.shape)
+                return target if where == "inplace" else packed.keep[where : where + n].view(target.shape)
+
+            first_inplace = avg.parts[0] == (me, "inplace") and target.dtype == torch.float32
+            acc = target if first_inplace else self.buffers.get("average", n, torch.float32).view(target.shape)
+            if not first_inplace:
+                acc.copy_(part(*avg.parts[0]))
+            for holder, where in avg.parts[1:]:
+                acc.add_(part(holder, where))
+            if avg.count > 1:
+                acc.div_(avg.count)
+            if acc is not target:
+                target.copy_(acc)
+        S = self.topology.S
+        if plan.shared and packed.bucket is self._flat_bucket(plan):  # the shared tensors are views of it
+            if S > 1:
+                packed.bucket.div_(S)
+            return
+        for i, offset, n in plan.shared:
+            target = targets[i]
+            target.copy_(packed.bucket[offset : offset + n].view(target.shape))
+            if S > 1:
+                target.div_(S)
+
+    def _put(self, plan: TransferPlan, targets: Mapping[int, torch.Tensor], seg: Segment, source: torch.Tensor) -> None:
+        target = targets[seg.field] if seg.store == "sub" else self.owners.values[plan.fields[seg.field].name]
+        write_box(target, seg.rows, seg.cols, source[seg.offset : seg.offset + seg.numel].view(seg.shape))
+
+    def _ensure_owners(self, plan: TransferPlan) -> None:
+        for f in plan.fields:
+            if f.name in plan.owned:
+                self.owners.ensure(f.name, plan.owned[f.name], f.shape, f.dtype)
+
+    def nbytes(self) -> int:
+        """Memory the exchange keeps between rounds: its buffers (owner shards not included)."""
+        return self.buffers.nbytes()
 
 
 def _stripe_size(n: int, parts: int, i: int) -> int:
@@ -353,14 +279,10 @@ def _stripe_size(n: int, parts: int, i: int) -> int:
 
 def _stripe(t: torch.Tensor, parts: int, i: int) -> torch.Tensor:
     """Part ``i`` of ``parts`` near-equal contiguous parts of a flat tensor."""
+    if parts == 1:
+        return t
     start = sum(_stripe_size(t.numel(), parts, j) for j in range(i))
     return t[start : start + _stripe_size(t.numel(), parts, i)]
 
 
-def _piece_shape(piece: Piece, shape: torch.Size) -> tuple[int, ...]:
-    if piece.index is None:
-        return tuple(shape)
-    return tuple(
-        size if (dim >= len(piece.index) or piece.index[dim] is None) else len(piece.index[dim])
-        for dim, size in enumerate(shape)
-    )
+__all__ = ["Buffers", "Exchange", "OwnerShards", "Packed", "Timings", "WIRE_DTYPES"]

@@ -1,17 +1,21 @@
-"""The round state machine over torch.distributed (IST Alg. 1; ResIST Alg. 1).
+"""The round engine over torch.distributed (IST Alg. 1; ResIST Alg. 1).
 
-World = S subnet groups x G ranks; rank ``r`` trains subnet ``r // G``. The user's loop
-stays ``loss.backward(); optimizer.step(); optimizer.zero_grad()`` on ``ist.model``
-and ``ist.optimizer``: optimizer hooks average gradients inside the group before every
-step (DDP semantics) and, every ``local_steps`` steps, synchronize across groups: the
-round's subnets are averaged over holders and the next round's are dispatched.
+World = S subnet groups x G ranks (:class:`~ist_accel.topology.Topology`); rank ``r``
+trains subnet ``r // G``. The user's loop stays ``loss.backward(); optimizer.step();
+optimizer.zero_grad()`` on ``ist.model`` and ``ist.optimizer``: optimizer hooks average
+gradients inside the group before every step (DDP semantics) and, every ``local_steps``
+steps, end the round: a :class:`~ist_accel.guard.RoundGuard` check, then the
+:class:`~ist_accel.exchange.Exchange` carries out the round's
+:class:`~ist_accel.transfer.TransferPlan` (built ahead, during the round), then the next
+round's plan is built. :class:`IST` is the facade that ties these together; the global
+model is put together on demand by :class:`~ist_accel.global_view.GlobalView`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
+import gc
 import hashlib
 import inspect
 import logging
@@ -24,12 +28,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .accounting import tensor_bound
 from .config import ISTConfig
-from .decompose import Assignment, Piece, decompose, load_subnet, state_tensors
-from .exchange import CommStats, Exchange, Field, _positions
+from .decompose import Assignment, keep_frozen, load_subnet, state_tensors
+from .exchange import Exchange, Timings
+from .faults import ISTError, ISTSyncError, inject, peer_failures
+from .global_view import GlobalView
+from .guard import PHASES, RoundGuard, all_finite, clone_state
 from .preflight import check_setup
-from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTSyncError, inject
+from .subnet import SubnetTensors
+from .topology import Topology
+from .transfer import FieldSpec, Layout, TransferPlan, build_plan, layouts
+from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +47,11 @@ OptimizerLike = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.opt
 
 @dataclass
 class RoundMetrics:
-    """What one synchronization moved and cost, for this rank."""
+    """What one synchronization moved and cost, for this rank. ``bytes_*`` are the
+    round's exchange (shared set and messages); ``other_bytes_sent`` everything else this
+    rank sent since the previous sync (agreement checks, gathers for evaluation or saving,
+    set-up). Seconds: ``sync_seconds`` = check + pack + wire + unpack; ``plan_seconds``
+    building the next round's plan (after the sync, outside ``sync_seconds``)."""
 
     round: int
     bytes_sent: int
@@ -48,6 +61,12 @@ class RoundMetrics:
     intra_group_bytes: int
     sync_seconds: float
     compute_seconds: float
+    plan_seconds: float = 0.0
+    check_seconds: float = 0.0
+    pack_seconds: float = 0.0
+    wire_seconds: float = 0.0
+    unpack_seconds: float = 0.0
+    other_bytes_sent: float = 0.0
 
 
 @dataclass
@@ -59,57 +78,7 @@ class Totals:
     compute_seconds: float = 0.0
     rounds: int = 0
     history: list[RoundMetrics] = field(default_factory=list)
-
-
-class SubnetTensors:
-    """Where a rank's subnet values live, read and written whole (unpartitioned), by
-    subnet name: by default the subnet module and its torch optimizer. A DeepSpeed engine
-    that partitions them inside the group has its own (:class:`ist_accel.zero.ZeroSubnet`)."""
-
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.module, self.optimizer = module, optimizer
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers (looked up each time: ``module.to()`` may replace buffers)."""
-        return state_tensors(self.module)
-
-    def optimizer_state(self) -> dict[str, dict[str, Any]]:
-        """Per-parameter optimizer state by parameter name."""
-        return _state_by_name(self.optimizer, self.module)
-
-    def write(self, tensors: dict[str, torch.Tensor], state: dict[str, dict[str, Any]] | None = None) -> None:
-        """Copy ``tensors`` in; a given ``state`` replaces the optimizer state."""
-        local = state_tensors(self.module)
-        with torch.no_grad():
-            for name, value in tensors.items():
-                local[name].copy_(value)
-        if state is not None:
-            params = dict(self.module.named_parameters())
-            self.optimizer.state.clear()
-            for name, entries in state.items():
-                self.optimizer.state[params[name]] = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                                      for k, v in entries.items()}
-
-    def reset_optimizer_state(self) -> None:
-        """A fresh optimizer state (policy ``reset``)."""
-        self.optimizer.state.clear()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The subnet and its optimizer state, for a checkpoint of this rank."""
-        return {"subnet": {n: t.detach().clone() for n, t in self.tensors().items()},
-                "optimizer": {n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-                              for n, st in self.optimizer_state().items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "optimizer" not in state:
-            raise ValueError("this IST checkpoint was written under DeepSpeed: resume it under the same DeepSpeed setup")
-        self.write(state["subnet"], state["optimizer"])
-
-    def resident_elements(self) -> int:
-        """Elements of parameters, gradients, buffers and optimizer state held here."""
-        n = sum(t.numel() for t in state_tensors(self.module).values())
-        n += sum(p.grad.numel() for p in self.module.parameters() if p.grad is not None)
-        return n + sum(v.numel() for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    ledger: dict[str, tuple[float, float]] = field(default_factory=dict)  # every byte, by kind (transport.KINDS)
 
 
 class IST:
@@ -128,7 +97,7 @@ class IST:
     Callables appended to :attr:`on_sync` receive each round's :class:`RoundMetrics`.
     """
 
-    STATE_FORMAT = "ist_accel.IST/1"
+    STATE_FORMAT = "ist_accel.IST/2"
 
     def __init__(
         self,
@@ -146,47 +115,56 @@ class IST:
         self.config = config
         # config, world size and model checked together before any group of ours exists
         self.decomposition = check_setup(model, config, dist.get_world_size(), example_input)
-        S, G = config.num_subnets, config.group_size
-        self.rank = dist.get_rank()
-        self.group_index, self.replica = divmod(self.rank, G)
-        self.is_leader = self.replica == 0
-        # every process group is created here, once: the ranks of each subnet group (fast
-        # links) and, per replica index, that replica across the groups (slow links)
-        timeout = datetime.timedelta(seconds=config.sync_timeout)
-        groups = [dist.new_group(list(range(s * G, (s + 1) * G)), timeout=timeout) for s in range(S)] if G > 1 else []
-        stripes = [dist.new_group([s * G + g for s in range(S)], timeout=timeout) for g in range(G)] if G > 1 else []
-        self.intra = groups[self.group_index] if G > 1 else None
+        self.topology = Topology(config.num_subnets, config.group_size, config.sync_timeout)
+        self.transport = Transport(self.topology)
+        top = self.topology
+        self.rank, self.group_index, self.replica, self.is_leader = top.rank, top.group_index, top.replica, top.is_leader
+        self.intra = top.intra
         self.model_global = model
         self.global_shapes = {n: (t.shape, t.dtype) for n, t in state_tensors(model).items()}
-        self._broadcast_global(model)
+        self.frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        self._model_hash = _digest(sorted((n, tuple(sh), str(dt)) for n, (sh, dt) in self.global_shapes.items()))
+        device = next(model.parameters()).device
+        self.guard = RoundGuard(self.transport, config.num_subnets, top.group_index, top.rank, config.nonfinite, device)
+        self.steps = self.round = self.round_steps = 0
         self.assignment = self.decomposition.assignment(0)
+        self._check("set-up")  # another model or config on some rank: ISTAgreementError, never a gloo abort
+        self._broadcast_global(model)
+        self.base_fields = [FieldSpec(n, sh, dt, frozen=n in self.frozen) for n, (sh, dt) in self.global_shapes.items()]
+        self.layouts = self._layouts(self.assignment)
         self.subnet = self.decomposition.build_subnet(self.group_index)
         self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
         load_subnet(self.subnet, state_tensors(model), self.pieces)
+        keep_frozen(self.subnet, self.frozen, self.pieces)
         self.device = next(self.subnet.parameters()).device
-        self.exchange = Exchange(
-            self.group_index, S, replica=self.replica, group_size=G, intra_pg=self.intra,
-            stripe_pg=stripes[self.replica] if G > 1 else None, wire_dtype=config.wire_dtype, device=self.device,
-        )
-        self._init_owner_shards(model)
+        self.guard.device = self.device
+        self.exchange = Exchange(top, self.transport, wire_dtype=config.wire_dtype, device=self.device)
+        self.global_view = GlobalView(top, self.transport, self.device)
         self.optimizer = self._make_optimizer(optimizer)
-        self.tensors = SubnetTensors(self.subnet, self.optimizer)
+        self.tensors: SubnetTensors = SubnetTensors(self.subnet, self.optimizer)
         self._hooks = [self.optimizer.register_step_post_hook(self._after_step)]
         if reduce_gradients and self.intra is not None:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._before_step))
         self.on_sync: list[Callable[[RoundMetrics], None]] = []
         self.free_global = free_global
-        self.steps = 0
-        self.round = 0
         self.totals = Totals()
-        blob = repr(sorted((n, tuple(sh), str(dt)) for n, (sh, dt) in self.global_shapes.items()))
-        self._model_hash = int(hashlib.sha256(blob.encode()).hexdigest()[:12], 16)
+        self._plan: TransferPlan | None = None
+        self._plan_seconds = self._prepare_plan({})
+        self._flatten_shared()
+        self._init_owner_shards(model)
+        self._warned_round = -1
+        self._ledger_at_sync = self.transport.ledger.copy()
         self._take_snapshot()
         self._round_started = time.perf_counter()
         if free_global:
             self.release_global()
 
     # ---- the user-facing pieces ----------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        """The subnet this rank trains (fixed shape; refilled every round)."""
+        return self.subnet
 
     def hand_over(self, tensors: SubnetTensors) -> None:
         """Let another owner hold the subnet's values (a DeepSpeed engine, which partitions
@@ -200,244 +178,241 @@ class IST:
         """Count one optimizer step; every ``local_steps`` steps this ends the round."""
         self._after_step(None, (), {})
 
-    @property
-    def model(self) -> nn.Module:
-        """The subnet this rank trains (fixed shape; refilled every round)."""
-        return self.subnet
-
     def sync(self) -> RoundMetrics:
         """End the round now: average over holders and dispatch the next assignment.
 
         First, one small all-reduce checks that every rank is at the same round and step
         with the same config, assignment and model, and that no subnet went non-finite
         (policy ``nonfinite``). A failing collective raises :class:`ISTSyncError`."""
-        try:
+        with self._communication(f"round {self.round} (step {self.steps})"), _gc_paused():
             return self._sync()
-        except ISTError:
-            raise
-        except Exception as error:
-            if not _is_communication_error(error):
-                raise
-            raise ISTSyncError(
-                f"round {self.round} (step {self.steps}) failed on rank {self.rank}: {error}. A peer process "
-                "probably died or stalled past the process-group timeout; restart from the last checkpoint"
-            ) from error
+
+    def finish(self) -> RoundMetrics | None:
+        """End training: sync a round in progress (the steps since the last sync would
+        otherwise never reach the global model). Every rank calls it."""
+        return self.sync() if self.round_steps else None
+
+    def subnet_numel(self) -> int:
+        """Parameters in this rank's subnet."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.subnet.parameters())  # ZeRO-3: unpartitioned
+
+    def exclude_from_compute(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation inside the round, say) out of the round's compute time."""
+        self._round_started += seconds
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ---- the round ----------------------------------------------------------------
 
     def _sync(self) -> RoundMetrics:
         compute = time.perf_counter() - self._round_started
         start = time.perf_counter()
-        current = self._check_round()
-        following = self.decomposition.assignment(self.round + 1)
-        stats = CommStats()
+        carry = self.config.optimizer_state == "carry"
+        state = self.tensors.optimizer_state(self._keys) if carry else {}
+        fields = self._fields(state)
+        if self._check("sync", fields=fields):
+            self._restore_snapshot()
+            state = self.tensors.optimizer_state(self._keys) if carry else {}
         if self.intra is not None:
-            self._average_buffers_in_group(stats)
-        fields = self._fields(following, current[1])
-        staged: dict[str, torch.Tensor] = {}
-        self._read_cache = current
-        stats.add(self.exchange.run(fields, self._read, staged.__setitem__, self.round))
+            self._average_buffers_in_group()
+        check = time.perf_counter() - start
+        plan_seconds = self._plan_seconds
+        if self._plan is None or self._plan.fields != fields:
+            plan_seconds += self._prepare_plan(state)  # the first round under carry: optimizer state appeared
+            start += plan_seconds - self._plan_seconds  # planning is not part of the sync
+        plan = self._plan
+        values = self.tensors.tensors()
+        current, targets = self._bind(plan, values, state)
+        timings = self.exchange.run(plan, current, targets)
         inject("sync", self.rank, self.steps)
+        following = self.decomposition.assignment(self.round + 1)
         next_pieces = self.decomposition.pieces(following, self.group_index)
-        self._read_cache = None
-        self._apply(staged, next_pieces)
-        if self.config.optimizer_state == "reset":
+        if not self.tensors.live:
+            self.tensors.write(values, state if carry else None)
+        if not carry:
             self.tensors.reset_optimizer_state()
-        seconds = time.perf_counter() - start  # the exchange itself, not the bookkeeping below
-        lower = self._lower_bound(fields)
-        self.assignment, self.pieces = following, next_pieces
-        metrics = RoundMetrics(
-            self.round, stats.sent + stats.allreduce_sent, stats.received + stats.allreduce_sent, lower,
-            stats.allreduce_sent, stats.intra_group, seconds, compute,
-        )
+        sync_seconds = time.perf_counter() - start
+        self.assignment, self.pieces, self.layouts = following, next_pieces, plan.next
+        keep_frozen(self.subnet, self.frozen, self.pieces)
         self.round += 1
-        t = self.totals
-        t.bytes_sent += metrics.bytes_sent
-        t.bytes_received += metrics.bytes_received
-        t.bytes_lower += lower
-        t.sync_seconds += metrics.sync_seconds
-        t.compute_seconds += compute
-        t.rounds += 1
-        t.history.append(metrics)
+        self.round_steps = 0
+        metrics = self._metrics(plan, timings, check, sync_seconds, compute, plan_seconds)
         self._take_snapshot()
+        self._plan_seconds = self._prepare_plan(state)  # round r+1 -> r+2, ahead of its sync
         for callback in self.on_sync:
             callback(metrics)
         self._round_started = time.perf_counter()
         return metrics
 
-    # ---- rank agreement and numerical faults (checked at every sync) ------------
+    def _metrics(self, plan: TransferPlan, timings: Timings, check: float, sync_seconds: float, compute: float,
+                 plan_seconds: float) -> RoundMetrics:
+        ledger = self.transport.ledger.copy()
+        before = self._ledger_at_sync
 
-    def _agreement_fields(self) -> dict[str, int]:
+        def delta(kind: str, i: int) -> float:
+            return ledger.get(kind, (0.0, 0.0))[i] - before.get(kind, (0.0, 0.0))[i]
+
+        shared = delta("shared", 0)
+        sent, received = delta("exchange", 0) + shared, delta("exchange", 1) + delta("shared", 1)
+        other = sum(delta(k, 0) for k in ledger if k not in ("shared", "exchange"))
+        esize = torch.tensor([], dtype=self.exchange.wire).element_size()
+        lower = plan.bound_sent * esize / self.config.group_size
+        metrics = RoundMetrics(self.round - 1, int(sent), int(received), lower, int(shared), int(delta("intra", 0)),
+                               sync_seconds, compute, plan_seconds, check, timings.pack, timings.wire, timings.unpack,
+                               other)
+        self._ledger_at_sync = ledger
+        t = self.totals
+        t.bytes_sent += metrics.bytes_sent
+        t.bytes_received += metrics.bytes_received
+        t.bytes_lower += lower
+        t.sync_seconds += sync_seconds
+        t.compute_seconds += compute
+        t.rounds += 1
+        t.history.append(metrics)
+        t.ledger = ledger
+        return metrics
+
+    def _fields(self, state: dict[str, dict[str, Any]]) -> list[FieldSpec]:
+        """Every tensor that travels this round: parameters and float buffers, then (policy
+        ``carry``) one field per optimizer-state entry of each trained parameter."""
+        fields = list(self.base_fields)
+        keys = self._state_keys(state) if self.config.optimizer_state == "carry" else ()
+        for f in self.base_fields:
+            if f.name in self.frozen or f.name not in self._param_names:
+                continue
+            for key, scalar in keys:
+                fields.append(FieldSpec(f"{f.name}:{key}", torch.Size([]) if scalar else f.shape,
+                                        torch.float32 if scalar else f.dtype, source=f.name, scalar=scalar))
+        return fields
+
+    @staticmethod
+    def _state_keys(state: dict[str, dict[str, Any]]) -> tuple[tuple[str, bool], ...]:
+        """Tensor-valued optimizer-state keys (and whether each is a scalar), in a fixed
+        order. Derived from this rank's state; the agreement check confirms every rank has
+        the same field list."""
+        keys: dict[str, bool] = {}
+        for st in state.values():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and k not in keys:
+                    keys[k] = v.dim() == 0
+        return tuple(sorted(keys.items()))
+
+    @property
+    def _keys(self) -> tuple[tuple[str, bool], ...]:
+        """The optimizer-state keys the current plan moves."""
+        fields = self._plan.fields if self._plan is not None else []
+        return tuple(sorted({(f.name.rpartition(":")[2], f.scalar) for f in fields if f.source}))
+
+    def _layouts(self, assignment: Assignment) -> dict[str, Layout]:
+        d, S = self.decomposition, self.config.num_subnets
+        return layouts(self.base_fields, [d.pieces(assignment, s) for s in range(S)])
+
+    def _prepare_plan(self, state: dict[str, dict[str, Any]]) -> float:
+        """Build the plan of the coming round end (round ``r -> r+1``); returns its seconds."""
+        start = time.perf_counter()
+        with _gc_paused():
+            fields = self._fields(state)
+            following = self._layouts(self.decomposition.assignment(self.round + 1))
+            self._plan = build_plan(fields, self.layouts, following, self.group_index, self.config.num_subnets,
+                                    self.round)
+            self._plan.to(self.device)
+        return time.perf_counter() - start
+
+    def _bind(self, plan: TransferPlan, values: dict[str, torch.Tensor], state: dict[str, dict[str, Any]]):
+        """Each field's tensor in this group now and next round (values or state entries)."""
+        current, targets = {}, {}
+        for i, f in enumerate(plan.fields):
+            now, nxt = plan.names(i)
+            key = f.name.partition(":")[2]
+            for name, out in ((now, current), (nxt, targets)):
+                if name is not None:
+                    out[i] = state[name][key] if key else values[name]
+        return current, targets
+
+    @property
+    def _param_names(self) -> set[str]:
+        names = getattr(self, "_param_name_cache", None)
+        if names is None:
+            names = self._param_name_cache = {n for n, _ in self.model_global.named_parameters()}
+        return names
+
+    # ---- rank agreement and numerical faults --------------------------------------
+
+    def _agreement_fields(self, phase: str, fields: list[FieldSpec] | None = None) -> dict[str, int]:
         return {
+            "phase": PHASES[phase],
             "round": self.round,
             "step": self.steps,
             "world size": dist.get_world_size(),
             "config": int(self.config.fingerprint()[:12], 16),
             "assignment": int(self.assignment.digest()[:12], 16),
             "model": self._model_hash,
+            "fields": _digest([(f.name, tuple(f.shape)) for f in fields]) if fields is not None else 0,
         }
 
-    def _check_round(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-        """One all-reduce of a few integers: max and min of every agreement field, and a
-        per-group flag for non-finite subnets. Every rank sees the same result, so every
-        rank raises (or skips) alike. Returns the subnet's values and optimizer state."""
-        current = self._current()
-        fields = self._agreement_fields()
-        S = self.config.num_subnets
-        mine = torch.tensor(list(fields.values()), dtype=torch.int64)
-        bad = torch.zeros(S, dtype=torch.int64)
-        bad[self.group_index] = int(not _finite(*current))
-        payload = torch.cat([mine, -mine, bad]).to(self.device)
-        dist.all_reduce(payload, op=dist.ReduceOp.MAX)
-        payload = payload.cpu()
-        k = len(fields)
-        for (name, _), high, low in zip(fields.items(), payload[:k].tolist(), (-payload[k : 2 * k]).tolist()):
-            if high != low:
-                raise ISTAgreementError(
-                    f"ranks disagree on the {name} at sync (rank {self.rank} has {fields[name]}, others range "
-                    f"{low}..{high}): every rank must run the same config, seed, model and step count")
-        groups = payload[2 * k :].nonzero().flatten().tolist()
-        if not groups:
-            return current
-        where = f"round {self.round} (step {self.steps}): subnet group(s) {groups} hold NaN/Inf"
-        if self.config.nonfinite == "raise":
-            raise ISTNonFiniteError(f"{where}; nothing was averaged (nonfinite='raise'; 'skip' drops such updates)")
-        logger.warning("%s; their updates of this round are dropped (nonfinite='skip')", where)
-        if self.group_index in groups:
-            self._restore_snapshot()
-            return self._current()
-        return current
-
-    def _current(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-        """The subnet's values and (policy ``carry``) optimizer state, whole."""
-        carry = self.config.optimizer_state == "carry"
-        return self.tensors.tensors(), self.tensors.optimizer_state() if carry else {}
+    def _check(self, phase: str, fields: list[FieldSpec] | None = None) -> bool:
+        """The agreement check (and, at a sync, the non-finite verdict on this subnet and,
+        under ``carry``, its optimizer state); True if this group must drop its update of
+        the round (policy ``skip``)."""
+        ok = True
+        if phase == "sync":
+            values = list(self.tensors.tensors().values())
+            if self.config.optimizer_state == "carry":
+                values += [v for st in self.tensors.optimizer_state().values() for v in st.values()
+                           if isinstance(v, torch.Tensor)]
+            ok = all_finite(values)
+        groups = self.guard.check(self._agreement_fields(phase, fields), finite=ok)
+        return self.guard.verdict(groups, f"round {self.round} (step {self.steps})")
 
     def _take_snapshot(self) -> None:
         """Policy ``skip`` keeps the round's starting values (a subnet's worth of memory)."""
         if self.config.nonfinite != "skip":
+            self._snapshot = None
             return
-        self._snapshot = (
-            {n: t.detach().clone() for n, t in self.tensors.tensors().items()},
-            {n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-             for n, st in self.tensors.optimizer_state().items()},
-        )
+        self._snapshot = ({n: t.detach().clone() for n, t in self.tensors.tensors().items()},
+                          clone_state(self.tensors.optimizer_state()))
 
     def _restore_snapshot(self) -> None:
         """Drop this group's update of the round: back to the values it started with."""
         tensors, state = self._snapshot
-        self.tensors.write(tensors, state)
+        self.tensors.write(tensors, clone_state(state))
 
-    def exclude_from_compute(self, seconds: float) -> None:
-        """Leave ``seconds`` (an evaluation inside the round, say) out of the round's compute time."""
-        self._round_started += seconds
-
-    @property
-    def at_round_boundary(self) -> bool:
-        """True when no optimizer step was taken since the last synchronization."""
-        return self.steps % self.config.local_steps == 0
-
-    def subnet_numel(self) -> int:
-        """Parameters in this rank's subnet."""
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.subnet.parameters())  # ZeRO-3: unpartitioned
-
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's part of the run: round, step, subnet tensors, optimizer state and
-        owner shards. Together, the ranks' state dicts resume the run exactly."""
-        return {
-            "format": self.STATE_FORMAT,
-            "config": self.config.to_dict(),
-            "world_size": dist.get_world_size(),
-            "rank": self.rank,
-            "round": self.round,
-            "steps": self.steps,
-            **self.tensors.state_dict(),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
-            "owners": {n: v.clone() for n, v in self.exchange.owners.values.items()},
-            "owner_rows": {n: list(r) for n, r in self.exchange.owners.rows.items()},
-            "totals": dataclasses.asdict(self.totals),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` of this rank; the run must have the same config and world."""
-        if not isinstance(state, dict) or state.get("format") != self.STATE_FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not an IST rank state (format {found!r}, expected {self.STATE_FORMAT!r})")
-        mine = self.config.to_dict()
-        for key, value in state["config"].items():
-            if key not in ("extra",) and mine.get(key) != value:
-                raise ValueError(f"checkpoint was written with {key}={value!r}, this run has {key}={mine.get(key)!r}")
-        for key, value in (("world_size", dist.get_world_size()), ("rank", self.rank)):
-            if state[key] != value:
-                raise ValueError(f"checkpoint was written with {key}={state[key]}, this run has {key}={value}")
-        owners = self.exchange.owners
-        if set(state["subnet"]) != set(self.tensors.tensors()) or not set(owners.values) <= set(state["owners"]):
-            raise ValueError("checkpoint's subnet tensors differ from this run's subnet (another model?)")
-        self.round, self.steps = state["round"], state["steps"]
-        self.assignment = self.decomposition.assignment(self.round)
-        self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
-        self.tensors.load_state_dict(state)
-        for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):
-            group.update(saved)  # learning rates as the scheduler left them
-        for name, value in state["owners"].items():  # optimizer-state shards appear at the first sync
-            owners.rows[name] = tuple(state["owner_rows"][name])
-            owners.values[name] = value.to(owners.device)
-        totals = dict(state["totals"])
-        totals["history"] = [RoundMetrics(**m) for m in totals["history"]]
-        self.totals = Totals(**totals)
-        self._take_snapshot()
-        self._round_started = time.perf_counter()
+    # ---- the global model ---------------------------------------------------------
 
     def gather_global(self, dst: int | None = 0) -> nn.Module | None:
-        """The global model as it stands after the last sync, on rank ``dst`` (``None``: all).
-
-        Must be called on every rank at a round boundary (no step since the last sync).
-        """
-        names = list(self.global_shapes)
-        state = {n: torch.zeros(self.global_shapes[n][0], dtype=torch.float64, device=self.device) for n in names}
-        filled = {n: torch.zeros(self.global_shapes[n][0], dtype=torch.bool, device=self.device) for n in names}
-        local = self.tensors.tensors()  # every rank: a partitioned subnet is assembled in the group
-        if self.is_leader:
-            for piece in self.pieces:
-                _scatter(state[piece.global_name], piece, local[piece.subnet_name])
-                _scatter(filled[piece.global_name], piece, torch.ones_like(local[piece.subnet_name], dtype=torch.bool))
-            held_anywhere = self._held_anywhere()
-            for name, value in self.exchange.owners.values.items():
-                if name in state:
-                    lo, hi = self.exchange.owners.rows[name]
-                    unheld = ~held_anywhere[name][lo:hi].to(self.device)
-                    state[name][lo:hi][unheld] = value[unheld].to(state[name].dtype)
-                    filled[name][lo:hi] |= unheld
-        # one element can be filled by several holders (same value after sync): average
-        flat = torch.cat([state[n].reshape(-1).to(torch.float64) for n in names])
-        count = torch.cat([filled[n].reshape(-1).to(torch.float64) for n in names])
-        dist.all_reduce(flat)
-        dist.all_reduce(count)
-        flat = flat / count.clamp_min(1)
-        if dst is not None and self.rank != dst:
+        """The global model on rank ``dst`` (``None``: every rank), a collective. At a round
+        end it is the averaged global model; between syncs, the model a sync now would
+        average (the round goes on unchanged)."""
+        with self._communication(f"gathering the global model at step {self.steps}"):
+            self._check("read")
+            if self.round_steps and self._warned_round != self.round:
+                self._warned_round = self.round
+                logger.warning("IST: the global model is read %d steps into round %d (step %d): it is the average a "
+                               "sync now would produce; the round goes on", self.round_steps, self.round, self.steps)
+            plan = self.global_view.plan(self.round, self.base_fields, self.layouts)
+            plan_fields = plan.fields
+            values = self.tensors.tensors()
+            current = {}
+            for i, f in enumerate(plan_fields):
+                name = self.layouts[f.param].subnet_names.get(self.group_index)
+                if name is not None:
+                    current[i] = values[name]
+            live = state_tensors(self.model_global)
+            out = {}
+            for i, f in enumerate(plan_fields):
+                tensor = live[f.name]
+                if tensor.numel() != f.numel:
+                    tensor.data = torch.empty(f.shape, dtype=f.dtype, device=self.device)
+                out[i] = tensor.detach()
+            received = self.global_view.gather(plan, current, self.exchange.owners.values, out, dst)
+        if not received:
+            if self.free_global:
+                self.release_global()
             return None
-        model = self.model_global
-        offset = 0
-        live = state_tensors(model)  # non-persistent buffers too (e.g. rotary inv_freq)
-        with torch.no_grad():
-            for n in names:
-                shape, dtype = self.global_shapes[n]
-                k = shape.numel()
-                value = flat[offset : offset + k].view(shape).to(dtype)
-                if live[n].numel() != k:
-                    live[n].data = value.clone()
-                else:
-                    live[n].copy_(value)
-                offset += k
-        return model
-
-    def _held_anywhere(self) -> dict[str, torch.Tensor]:
-        """Per owner-shard tensor, which elements some group holds this round."""
-        S = self.config.num_subnets
-        pieces = [{p.global_name: p for p in self.decomposition.pieces(self.assignment, s)} for s in range(S)]
-        return {
-            name: torch.stack([_positions(pieces[s].get(name), self.global_shapes[name][0]) >= 0 for s in range(S)]).any(0)
-            for name in self.exchange.owners.values
-            if name in self.global_shapes
-        }
+        return self.model_global
 
     @contextlib.contextmanager
     def eval_global(self, dst: int | None = None) -> Iterator[nn.Module | None]:
@@ -472,8 +447,17 @@ class IST:
             for batch in loader:
                 value, count = score(model, _to_device(batch, self.device))
                 totals += torch.tensor([value, count], dtype=torch.float64, device=self.device)
-        dist.all_reduce(totals)
+        with self._communication("evaluating"):
+            self.transport.all_reduce(totals, "eval")
         return float(totals[0] / totals[1].clamp_min(1))
+
+    def release_global(self) -> None:
+        """Drop the global model's storage (it is gathered again on demand)."""
+        with torch.no_grad():
+            for t in state_tensors(self.model_global).values():
+                t.data = torch.empty(0, dtype=t.dtype)
+
+    # ---- memory -------------------------------------------------------------------
 
     def resident_elements(self) -> int:
         """Tensor elements this rank keeps: subnet parameters, gradients, optimizer state,
@@ -483,19 +467,97 @@ class IST:
         n += sum(t.numel() for t in state_tensors(self.model_global).values())
         return n
 
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes this rank keeps, by what for: the subnet's tensors, gradients and optimizer
+        state; owner shards; the exchange's reusable buffers; the plans; the ``skip``
+        snapshot; what remains of the global model."""
+        snapshot = 0
+        if self._snapshot is not None:
+            tensors, state = self._snapshot
+            snapshot = sum(t.numel() * t.element_size() for t in tensors.values())
+            snapshot += sum(v.numel() * v.element_size() for st in state.values() for v in st.values()
+                            if isinstance(v, torch.Tensor))
+        return {
+            "subnet": self.tensors.resident_bytes() if hasattr(self.tensors, "resident_bytes") else 0,
+            "owner_shards": sum(v.numel() * v.element_size() for v in self.exchange.owners.values.values()),
+            "buffers": self.exchange.nbytes(),
+            "plans": self._plan.nbytes() if self._plan is not None else 0,
+            "snapshot": snapshot,
+            "global_model": sum(t.numel() * t.element_size() for t in state_tensors(self.model_global).values()),
+        }
+
+    # ---- checkpoints -------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's part of the run: round, step, subnet tensors, optimizer state and
+        owner shards. Together, the ranks' state dicts resume the run exactly."""
+        return {
+            "format": self.STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "world_size": dist.get_world_size(),
+            "rank": self.rank,
+            "round": self.round,
+            "steps": self.steps,
+            "round_steps": self.round_steps,
+            **self.tensors.state_dict(),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
+            "owners": {n: v.clone() for n, v in self.exchange.owners.values.items()},
+            "owner_rows": {n: list(r) for n, r in self.exchange.owners.rows.items()},
+            "totals": dataclasses.asdict(self.totals),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` of this rank; the run must have the same config and world."""
+        if not isinstance(state, dict) or state.get("format") != self.STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not an IST rank state of this version (format {found!r}, expected {self.STATE_FORMAT!r})")
+        mine = self.config.to_dict()
+        for key, value in state["config"].items():
+            if mine.get(key) != value and key != "sync_timeout":
+                raise ValueError(f"checkpoint was written with {key}={value!r}, this run has {key}={mine.get(key)!r}")
+        for key, value in (("world_size", dist.get_world_size()), ("rank", self.rank)):
+            if state[key] != value:
+                raise ValueError(f"checkpoint was written with {key}={state[key]}, this run has {key}={value}")
+        owners = self.exchange.owners
+        live = self.tensors.tensors()
+        if set(state["subnet"]) != set(live) or not set(owners.values) <= set(state["owners"]):
+            raise ValueError("checkpoint's subnet tensors differ from this run's subnet (another model?)")
+        for name, value in state["subnet"].items():
+            if tuple(value.shape) != tuple(live[name].shape):
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, this run's subnet has "
+                                 f"{tuple(live[name].shape)} (another model width or num_subnets?)")
+        self.round, self.steps = state["round"], state["steps"]
+        self.round_steps = state.get("round_steps", 0)
+        self.assignment = self.decomposition.assignment(self.round)
+        self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
+        self.layouts = self._layouts(self.assignment)
+        keep_frozen(self.subnet, self.frozen, self.pieces)
+        self.tensors.load_state_dict(state)
+        for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):
+            group.update(saved)  # learning rates as the scheduler left them
+        for name, value in state["owners"].items():  # optimizer-state shards appear at the first sync
+            owners.rows[name] = tuple(state["owner_rows"][name])
+            owners.values[name] = value.to(owners.device)
+        totals = dict(state["totals"])
+        totals["history"] = [RoundMetrics(**m) for m in totals["history"]]
+        totals["ledger"] = {k: tuple(v) for k, v in totals.get("ledger", {}).items()}
+        self.totals = Totals(**totals)
+        for kind, (sent, received) in self.totals.ledger.items():
+            self.transport.ledger[kind].sent, self.transport.ledger[kind].received = sent, received
+        self._ledger_at_sync = self.transport.ledger.copy()
+        carry = self.config.optimizer_state == "carry"
+        self._plan_seconds = self._prepare_plan(self.tensors.optimizer_state() if carry else {})
+        self._take_snapshot()
+        self._round_started = time.perf_counter()
 
     # ---- hooks -----------------------------------------------------------------
 
     def _before_step(self, optimizer, args, kwargs) -> None:
-        if self.intra is None:
-            return
         grads = [p.grad for p in self.subnet.parameters() if p.grad is not None]
+        if not grads:
+            return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.intra)
+        self.transport.all_reduce(flat, "intra", group=self.intra)
         flat /= self.config.group_size
         offset = 0
         for g in grads:
@@ -504,11 +566,12 @@ class IST:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.steps += 1
+        self.round_steps += 1
         inject("step", self.rank, self.steps, self.tensors.tensors().values())
-        if self.steps % self.config.local_steps == 0:
+        if self.round_steps >= self.config.local_steps:
             self.sync()
 
-    # ---- internals ---------------------------------------------------------------
+    # ---- set-up --------------------------------------------------------------------
 
     def _make_optimizer(self, optimizer: OptimizerLike) -> torch.optim.Optimizer:
         """The subnet's optimizer. Given the user's optimizer over the global model, its
@@ -525,8 +588,10 @@ class IST:
             index = group_of.get(id(global_params[source[name]]))
             if index is None:
                 param.requires_grad_(False)  # the user does not optimize it: keep it frozen
+                self.frozen.add(source[name])
             else:
                 groups[index]["params"].append(param)
+        self.base_fields = [dataclasses.replace(f, frozen=f.name in self.frozen) for f in self.base_fields]
         accepted = inspect.signature(type(optimizer).__init__).parameters
         defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}  # AdamW keeps extra keys
         return type(optimizer)(groups, **defaults)
@@ -534,7 +599,7 @@ class IST:
     def _broadcast_global(self, model: nn.Module) -> None:
         tensors = list(state_tensors(model).values())
         flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
-        dist.broadcast(flat, 0)
+        self.transport.broadcast(flat, 0, "setup")
         offset = 0
         with torch.no_grad():
             for t in tensors:
@@ -542,129 +607,89 @@ class IST:
                 offset += t.numel()
 
     def _init_owner_shards(self, model: nn.Module) -> None:
-        S = self.config.num_subnets
-        per_tensor: dict[str, dict[int, Piece]] = {}
-        for s in range(S):
-            for p in self.decomposition.pieces(self.assignment, s):
-                per_tensor.setdefault(p.global_name, {})[s] = p
+        """This group's owner rows of every tensor with elements nobody holds in round 0."""
+        from .transfer import located_boxes, owner_rows
+
         tensors = state_tensors(model)
-        for name, pieces in per_tensor.items():
-            if all(p.index is None for p in pieces.values()) and len(pieces) > 0:
+        S = self.config.num_subnets
+        for f in self.base_fields:
+            layout = self.layouts[f.name]
+            if layout.whole:
                 continue
-            shape, dtype = self.global_shapes[name]
-            unheld = torch.stack([_positions(pieces.get(s), shape) < 0 for s in range(S)]).all(0)
-            if unheld.any():
-                self.exchange.owners.ensure(name, shape, dtype, init=tensors[name].detach())
+            has_owner, _ = located_boxes(layout, S)
+            if has_owner:
+                self.exchange.owners.ensure(f.name, owner_rows(f.shape[0], S, self.group_index), f.shape, f.dtype,
+                                            init=tensors[f.name])
 
-    def release_global(self) -> None:
-        """Drop the global model's storage (it is gathered again on demand)."""
+    def _flatten_shared(self) -> None:
+        """Make the subnet's shared tensors views of one flat buffer in the plan's bucket
+        order, so the shared set is all-reduced in place: no copy in or out."""
+        plan = self._plan
+        if not self.tensors.live or not plan.shared or self.exchange.wire != torch.float32:
+            return
+        values = self.tensors.tensors()
+        names = [plan.names(i) for i, _, _ in plan.shared]
+        if any(now != nxt for now, nxt in names) or any(values[n].dtype != torch.float32 for n, _ in names):
+            return
+        flat = torch.empty(plan.shared_numel, dtype=torch.float32, device=self.device)
+        slots = {name: (store, attr) for name, store, attr in self.tensors._slots.slots}
         with torch.no_grad():
-            for t in state_tensors(self.model_global).values():
-                t.data = torch.empty(0, dtype=t.dtype)
+            for (name, _), (i, offset, n) in zip(names, plan.shared):
+                view = flat[offset : offset + n].view(values[name].shape)
+                view.copy_(values[name])
+                store, attr = slots[name]
+                if isinstance(store[attr], nn.Parameter):
+                    store[attr].data = view
+                else:
+                    store[attr] = view
+        self.exchange.flat_shared = (flat, tuple((plan.fields[i].name, offset, n) for i, offset, n in plan.shared))
 
-    def _fields(self, following: Assignment, state: dict[str, dict[str, Any]]) -> list[Field]:
-        d, S = self.decomposition, self.config.num_subnets
-        now = [d.pieces(self.assignment, s) for s in range(S)]
-        nxt = [d.pieces(following, s) for s in range(S)]
-        fields = {n: Field(n, shape, dtype) for n, (shape, dtype) in self.global_shapes.items()}
-        for s in range(S):
-            for p in now[s]:
-                fields[p.global_name].now[s] = p
-            for p in nxt[s]:
-                fields[p.global_name].next[s] = p
-        out = list(fields.values())
-        if self.config.optimizer_state == "carry":
-            out += self._state_fields(fields, state)
-        return out
-
-    def _state_fields(self, fields: dict[str, Field], state: dict[str, dict[str, Any]]) -> list[Field]:
-        """Optimizer-state entries travel like their parameters (policy ``carry``).
-
-        The field list must be the same on every rank, so it is derived from the global
-        parameter list and the optimizer's state keys, not from what this rank holds.
-        """
-        keys: dict[str, torch.Tensor] = {}
-        for entries in state.values():
-            keys.update({k: v for k, v in entries.items() if k not in keys and isinstance(v, torch.Tensor)})
-        params = [n for n, _ in self.model_global.named_parameters()]
-        out = []
-        for gname in params:
-            f = fields[gname]
-            for key in sorted(keys):
-                scalar = keys[key].dim() == 0
-
-                def relabel(pieces: dict[int, Piece], key: str = key, scalar: bool = scalar) -> dict[int, Piece]:
-                    return {s: Piece(f"{p.subnet_name}:{key}", f"{gname}:{key}", None if scalar else p.index)
-                            for s, p in pieces.items()}
-
-                shape = torch.Size([]) if scalar else f.shape
-                out.append(Field(f"{gname}:{key}", shape, keys[key].dtype, relabel(f.now), relabel(f.next)))
-        return out
-
-    def _read(self, field_name: str) -> torch.Tensor | None:
-        gname, _, key = field_name.partition(":")
-        piece = self._held.get(gname)
-        if piece is None:
-            return None
-        tensors, state = self._read_cache
-        if not key:
-            return tensors[piece.subnet_name].detach()
-        return state[piece.subnet_name][key]
-
-    @property
-    def pieces(self) -> list[Piece]:
-        """Where this rank's subnet tensors come from in the current round."""
-        return self._pieces
-
-    @pieces.setter
-    def pieces(self, pieces: list[Piece]) -> None:
-        self._pieces = pieces
-        self._held = {p.global_name: p for p in pieces}
-
-    def _apply(self, staged: dict[str, torch.Tensor], next_pieces: list[Piece]) -> None:
-        by_global = {p.global_name: p for p in next_pieces}
-        tensors: dict[str, torch.Tensor] = {}
-        state: dict[str, dict[str, torch.Tensor]] = {}
-        for field_name, value in staged.items():
-            gname, _, key = field_name.partition(":")
-            name = by_global[gname].subnet_name
-            if not key:
-                tensors[name] = value
-            else:
-                state.setdefault(name, {})[key] = value
-        carry = self.config.optimizer_state == "carry" and bool(staged)
-        self.tensors.write(tensors, state if carry else None)
-
-    def _average_buffers_in_group(self, stats: CommStats) -> None:
+    def _average_buffers_in_group(self) -> None:
         buffers = [b for b in self.subnet.buffers() if b.is_floating_point()]
         if not buffers:
             return
         flat = torch.cat([b.reshape(-1) for b in buffers])
-        dist.all_reduce(flat, group=self.intra)
-        stats.intra_group += flat.numel() * flat.element_size()
+        self.transport.all_reduce(flat, "intra", group=self.intra)
         flat /= self.config.group_size
         offset = 0
         for b in buffers:
             b.copy_(flat[offset : offset + b.numel()].view_as(b))
             offset += b.numel()
 
-    def _lower_bound(self, fields: list[Field]) -> float:
-        """This rank's share of the round's lower bound (accounting.py's definition),
-        over the fields actually exchanged, in wire bytes."""
-        S, me = self.config.num_subnets, self.group_index
-        esize = torch.tensor([], dtype=self.exchange.wire).element_size()
-        total = sum(float(tensor_bound(f.shape, f.now, f.next, S)[0][me]) for f in fields)
-        return total * esize / self.config.group_size
+    @contextlib.contextmanager
+    def _communication(self, what: str) -> Iterator[None]:
+        """A failing collective becomes :class:`ISTSyncError`, with what a failed peer said."""
+        try:
+            yield
+        except ISTError:
+            raise
+        except Exception as error:
+            if not _is_communication_error(error):
+                raise
+            reasons = peer_failures()
+            said = f" A peer reported: {'; '.join(reasons)}." if reasons else ""
+            raise ISTSyncError(
+                f"{what} failed on rank {self.rank}: {error}.{said} A peer process probably died or stalled past the "
+                f"process-group timeout ({self.config.sync_timeout:g} s); restart from the last checkpoint"
+            ) from error
 
 
-def _finite(tensors: dict[str, torch.Tensor], state: dict[str, dict[str, Any]]) -> bool:
-    values = [*tensors.values(), *(v for st in state.values() for v in st.values() if isinstance(v, torch.Tensor))]
-    return all(bool(torch.isfinite(t).all()) for t in values if t.is_floating_point())
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: the few thousand short-lived objects of a
+    plan or a sync would otherwise trigger full collections of the whole process heap
+    (torch, transformers: about a million objects), measured at ~50 ms each here."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
-def _state_by_name(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, dict[str, Any]]:
-    names = {p: n for n, p in module.named_parameters()}
-    return {names[p]: st for p, st in optimizer.state.items() if p in names}
+def _digest(value: Any) -> int:
+    return int(hashlib.sha256(repr(value).encode()).hexdigest()[:12], 16)
 
 
 def _is_communication_error(error: Exception) -> bool:
@@ -686,13 +711,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 def _accuracy_counts(model: nn.Module, batch: Any) -> tuple[float, int]:
     x, y = batch
     return float((model(x).argmax(-1) == y).sum()), len(y)
-
-
-def _scatter(target: torch.Tensor, piece: Piece, value: torch.Tensor) -> None:
-    if piece.index is None:
-        target.copy_(value.to(target.dtype))
-    else:
-        target.index_put_(piece._grid(target), value.to(target.dtype))
 
 
 __all__ = ["IST", "RoundMetrics", "SubnetTensors", "Totals"]

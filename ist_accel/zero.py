@@ -3,7 +3,7 @@
 Each group of G ranks trains its subnet with one DeepSpeed engine, built once per run
 (subnets keep their shapes from round to round). ZeRO partitions the fp32 master weights,
 gradients and optimizer state over the group's G ranks only: ``deepspeed.initialize`` gets
-a topology (:class:`GroupTopology`, DeepSpeed's ``mpu``) whose data-parallel group is the
+a topology (:class:`~ist_accel.topology.Topology`, DeepSpeed's ``mpu``) whose data-parallel group is the
 subnet group. IST's round end (IST Alg. 1, ResIST Alg. 1) then runs on whole tensors:
 :class:`ZeroSubnet` assembles them with DeepSpeed's ``safe_get_full_fp32_param`` /
 ``safe_get_full_optimizer_state`` and writes the next round's values back with
@@ -17,7 +17,6 @@ subnets move, every ``local_steps`` steps.
 from __future__ import annotations
 
 import contextlib
-import datetime
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .decompose import state_tensors
-from .round import IST, SubnetTensors
+from .subnet import SubnetTensors
 
 STAGES = (1, 2, 3)
 
@@ -69,41 +68,6 @@ def check_deepspeed_config(config: Mapping[str, Any], group_size: int, mixed_pre
                          "prepare(), it is retargeted to the subnet's optimizer")
 
 
-class GroupTopology:
-    """DeepSpeed's ``mpu`` for IST: data parallel inside this rank's subnet group, no model
-    parallelism (every rank is its own model-parallel group of one)."""
-
-    def __init__(self, ist: IST) -> None:
-        G, world = ist.config.group_size, dist.get_world_size()
-        timeout = datetime.timedelta(seconds=ist.config.sync_timeout)
-        singles = [dist.new_group([r], timeout=timeout) for r in range(world)]  # every rank creates every group
-        self._single = singles[ist.rank]
-        self._group = ist.intra if ist.intra is not None else self._single
-        self._ranks = list(range(ist.group_index * G, (ist.group_index + 1) * G))
-        self._replica, self._size = ist.replica, G
-
-    def get_data_parallel_group(self) -> Any:
-        return self._group
-
-    def get_data_parallel_rank(self) -> int:
-        return self._replica
-
-    def get_data_parallel_world_size(self) -> int:
-        return self._size
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return list(self._ranks)
-
-    def get_model_parallel_group(self) -> Any:
-        return self._single
-
-    def get_model_parallel_rank(self) -> int:
-        return 0
-
-    def get_model_parallel_world_size(self) -> int:
-        return 1
-
-
 def _is_zero3(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
@@ -113,6 +77,8 @@ class ZeroSubnet(SubnetTensors):
 
     Every method is collective over the group: all its ranks call them in the same order,
     which IST's round end does."""
+
+    live = False  # tensors() and optimizer_state() assemble copies; write() puts them back
 
     def __init__(self, engine: Any) -> None:
         super().__init__(engine.module, engine.optimizer)
@@ -162,7 +128,7 @@ class ZeroSubnet(SubnetTensors):
         keys = {k for st in self.base.state.values() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
         return sorted(keys)
 
-    def optimizer_state(self) -> dict[str, dict[str, Any]]:
+    def optimizer_state(self, keys: tuple = ()) -> dict[str, dict[str, Any]]:
         from deepspeed.utils import safe_get_full_optimizer_state
 
         self._link_state()
@@ -248,4 +214,4 @@ def _set_master(param: nn.Parameter, value: torch.Tensor, key: str | None = None
     utils.safe_set_local_fp32_param(param, mine) if key is None else utils.safe_set_local_optimizer_state(param, mine, key)
 
 
-__all__ = ["GroupTopology", "ZeroSubnet", "check_deepspeed_config"]
+__all__ = ["ZeroSubnet", "check_deepspeed_config"]

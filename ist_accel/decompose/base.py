@@ -131,6 +131,23 @@ def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+class TensorSlots:
+    """Fast repeated :func:`state_tensors` of one module: where each tensor sits (owning
+    module, attribute) is found once; every lookup reads the slot again, so a tensor that
+    ``module.to()`` replaced is seen."""
+
+    def __init__(self, module: nn.Module) -> None:
+        owners = dict(module.named_modules())
+        self.slots = []
+        for name in state_tensors(module):
+            path, _, attr = name.rpartition(".")
+            owner = owners[path]
+            self.slots.append((name, owner._parameters if attr in owner._parameters else owner._buffers, attr))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: store[attr].detach() for name, store, attr in self.slots}
+
+
 class Decomposition(ABC):
     """Splits one global model into ``num_subnets`` fixed-shape subnets per round."""
 
@@ -174,6 +191,14 @@ class Decomposition(ABC):
 
     # ---- generic operations -------------------------------------------------
 
+    @property
+    def tensor_names(self) -> list[str]:
+        """Names of the global model's averaged tensors (:func:`state_tensors`), in order."""
+        names = self.__dict__.get("_tensor_names")
+        if names is None:
+            names = self.__dict__["_tensor_names"] = list(state_tensors(self.model))
+        return names
+
     def global_shapes(self) -> dict[str, torch.Size]:
         return {n: t.shape for n, t in state_tensors(self.model).items()}
 
@@ -198,6 +223,16 @@ def load_subnet(
     with torch.no_grad():
         for piece in pieces:
             local[piece.subnet_name].copy_(piece.gather(global_state[piece.global_name]))
+
+
+def keep_frozen(subnet: nn.Module, frozen: set[str], pieces: list[Piece]) -> None:
+    """A subnet parameter trains only if the global parameter it holds this round does:
+    ``requires_grad=False`` of the global model is kept under every decomposition."""
+    params = dict(subnet.named_parameters())
+    for piece in pieces:
+        param = params.get(piece.subnet_name)
+        if param is not None:
+            param.requires_grad_(piece.global_name not in frozen)
 
 
 def average_into_global(

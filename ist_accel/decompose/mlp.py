@@ -131,7 +131,7 @@ class MLPDecomposition(Decomposition):
             for t in ("weight", "bias", "running_mean", "running_var"):
                 cut[f"{name}.{t}"] = (hidden[self.linears[l]],)
         out = []
-        for name in state_tensors(self.model):
+        for name in self.tensor_names:
             index = cut.get(name)
             if index is not None and all(i is None for i in index):
                 index = None

@@ -262,7 +262,7 @@ class ResidualDecomposition(Decomposition):
     def pieces(self, assignment: Assignment, subnet: int) -> list[Piece]:
         held = assignment.units[subnet]
         out = []
-        for name in state_tensors(self.model):
+        for name in self.tensor_names:
             where = self._locate(name)
             if where is None:
                 out.append(Piece(name, name))
@@ -309,6 +309,12 @@ class ResidualDecomposition(Decomposition):
     def _locate(self, name: str) -> tuple[ResidualStage, int, str] | None:
         """(stage, child position, rest of the name) for a tensor inside a partitioned
         stage's container; ``None`` for tensors outside every such container."""
+        found = self.__dict__.setdefault("_located", {})
+        if name not in found:
+            found[name] = self._find(name)
+        return found[name]
+
+    def _find(self, name: str) -> tuple[ResidualStage, int, str] | None:
         for st in self.stages:
             prefix = f"{st.path}." if st.path else ""
             position, _, rest = name[len(prefix) :].partition(".")

@@ -165,7 +165,7 @@ class TransformerWidthDecomposition(Decomposition):
 
     def pieces(self, assignment: Assignment, subnet: int) -> list[Piece]:
         cuts = self._cuts(assignment.units[subnet])
-        return [Piece(name, name, cuts.get(name)) for name in state_tensors(self.model)]
+        return [Piece(name, name, cuts.get(name)) for name in self.tensor_names]
 
     def build_subnet(self, subnet: int) -> nn.Module:
         S = self.num_subnets
@@ -197,7 +197,7 @@ class TransformerWidthDecomposition(Decomposition):
 
     def shared_names(self) -> set[str]:
         cut = self._cuts(self.assignment(0).units[0])
-        return {n for n in state_tensors(self.model) if n not in cut}
+        return {n for n in self.tensor_names if n not in cut}
 
     @contextlib.contextmanager
     def eval_view(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
