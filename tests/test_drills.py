@@ -295,19 +295,21 @@ def _image_folder(root: Path) -> Path:
 
 
 def test_an_undecodable_image_stops_every_rank_naming_the_file(tmp_path):
-    """One rank meets the truncated JPEG (epoch 0); it fails naming the file, and the other rank
-    stops with the same message (ISTPeerFailure), not 'Connection closed by peer'. The stray
-    text file is named in a warning."""
+    """A rank meets the truncated JPEG; it fails naming the file, and the other rank stops with
+    the same message (ISTPeerFailure), not 'Connection closed by peer'. The stray text file is
+    named in a warning."""
     bad = _image_folder(tmp_path / "data")
     code, text = run(RECIPES / "resist_imagenet.py", ["--data", tmp_path / "data", "--arch", "preact_resnet20",
                                                       "--augment", "cifar", "--image-size", "8", "--batch-size", "4",
                                                       "--max-steps", "40", "--local-steps", "40", "--output-dir",
                                                       tmp_path / "out"])
     assert code != 0 and not (tmp_path / "out" / "results.json").exists()
-    own = re.search(rf"ImageDecodeError: cannot decode image {re.escape(str(bad))}: \w+Error: ", text)
-    assert own, text[-4000:]
-    assert re.search(rf"ISTPeerFailure: stopping: another rank failed \(rank \d: ImageDecodeError: cannot decode image "
-                     rf"{re.escape(str(bad))}", text), text[-4000:]
+    named = rf"ImageDecodeError: cannot decode image {re.escape(str(bad))}: \w+Error: "
+    for rank in (0, 1):  # its own error, or the peer's: each rank's final error names the file
+        assert re.search(rf"\[rank{rank}\]: ist_accel\.(data\.images\.|faults\.ISTPeerFailure: stopping: another rank "
+                         rf"failed \(rank \d: ){named}", text), text[-4000:]
+    # usually one rank meets the image and the other stops on its message (both may meet it: the
+    # ranks run apart between syncs, and one may read the image in a later epoch before it checks)
     assert "skipped 1 file(s) that are not images" in text and str(tmp_path / "data" / "train" / "light" / "notes.txt") \
         in text
 
