@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .topology import Topology
-from .transfer import FieldSpec, Layout, located_boxes, owner_rows, read_box, write_box
+from .transfer import FieldSpec, Layout, local_index, located_boxes, owner_rows, read_box, write_box
+from .transfer import _compact as _index
 from .transport import Transport
 
 
@@ -86,17 +87,15 @@ class GatherPlan:
                 for kind, boxes in kinds:
                     for box in boxes:
                         rows, cols = box.rows, box.cols
-                        if kind == "sub":
-                            local_rows = rows if rows is None or 0 not in layout.dims else layout.position[0][rows]
-                            local_cols = cols if cols is None or 1 not in layout.dims else layout.position[1][cols]
-                        else:
+                        if kind == "own":
                             self.owned[f.name] = owner_rows(f.shape[0], S, g)
-                            local_rows, local_cols = rows - lo, cols
+                        local_rows, local_cols = local_index(box, kind, layout, lo)
                         shape = (f.shape[0] if rows is None else len(rows),
                                  *(() if len(f.shape) < 2 else (f.shape[1] if cols is None else len(cols),)),
                                  *f.shape[2:])
                         n = torch.Size(shape).numel()
-                        c.parts.append(Part(i, c.size, n, kind, local_rows, local_cols, rows, cols, shape))
+                        c.parts.append(Part(i, c.size, n, kind, _index(local_rows), _index(local_cols), _index(rows), _index(cols),
+                                            shape))
                         c.size += n
 
 

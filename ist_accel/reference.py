@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .decompose import Decomposition, Piece, average_into_global, load_subnet, state_tensors
+from .decompose import Decomposition, Piece, average_into_global, keep_frozen, load_subnet, state_tensors
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -48,6 +48,7 @@ class ReferenceIST:
         self.optimizers = [optimizer_factory(list(m.parameters())) for m in self.subnets]
         self.global_tensors = state_tensors(decomposition.model)
         self.global_optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+        self.frozen = {n for n, p in decomposition.model.named_parameters() if not p.requires_grad}
         self.round = 0
 
     def run_round(self, batches: Sequence[Sequence[Sequence[Any]]], loss_fn: LossFn) -> None:
@@ -60,6 +61,7 @@ class ReferenceIST:
         for s, (subnet, optimizer) in enumerate(zip(self.subnets, self.optimizers)):
             pieces = d.pieces(assignment, s)
             load_subnet(subnet, self.global_tensors, pieces)
+            keep_frozen(subnet, self.frozen, pieces)
             optimizer.state.clear()
             if self.optimizer_state == "carry":
                 load_optimizer_state(optimizer, subnet, self.global_optimizer_state, pieces)

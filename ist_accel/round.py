@@ -567,9 +567,13 @@ class IST:
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.steps += 1
         self.round_steps += 1
-        inject("step", self.rank, self.steps, self.tensors.tensors().values())
+        inject("step", self.rank, self.steps, self._lazy_tensors())
         if self.round_steps >= self.config.local_steps:
             self.sync()
+
+    def _lazy_tensors(self) -> Iterator[torch.Tensor]:
+        """The subnet's tensors, looked up only if a fault injection iterates them."""
+        yield from self.tensors.tensors().values()
 
     # ---- set-up --------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .decompose import Piece
@@ -92,8 +93,8 @@ class Layout:
             raise ValueError(f"{name}: pieces must all cut the same of dims 0 and 1 (got cuts "
                              f"{ {g: sorted(c) for g, c in cuts.items()} }); other layouts cannot be exchanged")
         self.whole, self.dims, self.holders = False, dims.pop(), tuple(sorted(pieces))
-        self.holder: dict[int, torch.Tensor] = {}
-        self.position: dict[int, torch.Tensor] = {}
+        self.holder: dict[int, np.ndarray] = {}  # per cut dim: each coordinate's holder (NONE: nobody)
+        self.position: dict[int, np.ndarray] = {}  # ... and its position in that holder's index
         self.local_shapes = {g: tuple(len(cuts[g][d]) if d in cuts[g] else n for d, n in enumerate(self.shape))
                              for g in pieces}
         cache = {} if cache is None else cache
@@ -102,28 +103,27 @@ class Layout:
             if key in cache:  # the same cut as another tensor's (a layer's weight, bias and norm)
                 self.holder[d], self.position[d] = cache[key]
                 continue
-            holder = torch.full((self.shape[d],), NONE, dtype=torch.long)
-            position = torch.full((self.shape[d],), NONE, dtype=torch.long)
+            holder = np.full(self.shape[d], NONE, dtype=np.int64)
+            position = np.full(self.shape[d], NONE, dtype=np.int64)
             for g in sorted(pieces):
-                index = cuts[g][d]
-                if bool((holder[index] != NONE).any()) or len(torch.unique(index)) != len(index):
+                index = cuts[g][d].numpy()
+                if (holder[index] != NONE).any() or len(np.unique(index)) != len(index):
                     raise ValueError(f"{name}: index pieces overlap along dim {d}; the exchange needs disjoint pieces")
                 holder[index] = g
-                position[index] = torch.arange(len(index))
+                position[index] = np.arange(len(index))
             self.holder[d], self.position[d] = cache[key] = holder, position
 
     def cut_key(self) -> tuple:
         """Identity of the cut: tensors with the same key have the same boxes."""
         return (self.dims, tuple(self.shape), *(id(self.holder[d]) for d in self.dims))
 
-    def holder_key(self, d: int) -> torch.Tensor:
+    def holder_key(self, d: int) -> np.ndarray:
         """Per coordinate of dim ``d`` (0 or 1): its holder, ``ANY`` if the dim is not cut."""
-        return self.holder[d] if d in self.dims else torch.full((self.shape[d] if d < len(self.shape) else 1,), ANY,
-                                                                   dtype=torch.long)
+        return self.holder[d] if d in self.dims else np.full(self.shape[d] if d < len(self.shape) else 1, ANY,
+                                                               dtype=np.int64)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*getattr(self, "holder", {}).values(),
-                                                          *getattr(self, "position", {}).values()))
+        return sum(a.nbytes for a in (*getattr(self, "holder", {}).values(), *getattr(self, "position", {}).values()))
 
 
 def _cut_dims(piece: Piece, shape: torch.Size) -> dict[int, torch.Tensor]:
@@ -136,8 +136,8 @@ def _cut_dims(piece: Piece, shape: torch.Size) -> dict[int, torch.Tensor]:
 class Box:
     """Global rows x global columns (``None``: the whole dim) of one tensor."""
 
-    rows: torch.Tensor | None
-    cols: torch.Tensor | None
+    rows: np.ndarray | None
+    cols: np.ndarray | None
 
 
 @dataclass
@@ -404,87 +404,91 @@ def _box_numel(box: Box, shape: torch.Size) -> int:
 def _segment(i: int, offset: int, n: int, kind: str, box: Box, layout: Layout, me: int, shape: torch.Size,
              now: bool, S: int) -> Segment:
     """Local addressing of a box in this group's subnet tensor or owner shard."""
-    if kind == "sub":
-        rows = box.rows if (box.rows is None or 0 not in layout.dims) else layout.position[0][box.rows]
-        cols = box.cols if (box.cols is None or 1 not in layout.dims) else layout.position[1][box.cols]
-    else:
-        lo, _ = owner_rows(shape[0], S, me)
-        rows = (torch.arange(*owner_rows(shape[0], S, me)) if box.rows is None else box.rows) - lo
-        cols = box.cols
+    rows, cols = local_index(box, kind, layout, owner_rows(shape[0], S, me)[0])
     box_shape = (shape[0] if box.rows is None else len(box.rows),
                  *(() if len(shape) < 2 else ((shape[1] if box.cols is None else len(box.cols)),)), *shape[2:])
     return Segment(i, offset, n, kind, _compact(rows), _compact(cols), tuple(box_shape))
 
 
-def _compact(index: torch.Tensor | None) -> torch.Tensor | None:
-    return None if index is None else index.contiguous()
+def local_index(box: Box, kind: str, layout: Layout, owner_lo: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A box's rows and columns in a group's subnet tensor (``kind="sub"``: positions in its
+    pieces) or owner shard (``"own"``: rows from ``owner_lo``, all columns)."""
+    if kind == "sub":
+        rows = box.rows if (box.rows is None or 0 not in layout.dims) else layout.position[0][box.rows]
+        cols = box.cols if (box.cols is None or 1 not in layout.dims) else layout.position[1][box.cols]
+        return rows, cols
+    rows = (np.arange(owner_lo, layout.shape[0]) if box.rows is None else box.rows) - owner_lo
+    return rows, box.cols
+
+
+def _compact(index: np.ndarray | None) -> torch.Tensor | None:
+    return None if index is None else torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
 
 
 class _Grid:
     """The (row class x column class) cells of one indexed tensor between two layouts: for
     each cell its place now (``L``) and next (``Ln``), and whether that place is the holder's
-    subnet (kind 0) or the owner shard (kind 1). All vectorized over classes."""
+    subnet (kind 0) or the owner shard (kind 1). Vectorized over classes (numpy: these are
+    small arrays, where per-operation cost dominates)."""
 
     def __init__(self, now: Layout, nxt: Layout, S: int) -> None:
         if now.dims != nxt.dims:
             raise ValueError(f"{now.name}: cut along dims {now.dims} now and {nxt.dims} next")
         self.shape = shape = now.shape
         self.two_d = len(shape) > 1
-        col_keys = (torch.stack([now.holder_key(1), nxt.holder_key(1)], 1) if self.two_d
-                    else torch.full((1, 2), ANY, dtype=torch.long))
-        rows0 = torch.stack([now.holder_key(0), nxt.holder_key(0)], 1)
+        col_keys = (np.stack([now.holder_key(1), nxt.holder_key(1)], 1) if self.two_d
+                    else np.full((1, 2), ANY, dtype=np.int64))
+        rows0 = np.stack([now.holder_key(0), nxt.holder_key(0)], 1)
         cols, self.col_ids = _classes(col_keys, S)
         rows, self.row_ids = _classes(rows0, S)
         H, Hn = _holders(rows, cols)
         self.owner = bool(((H == NONE) | (Hn == NONE)).any())
         if self.owner:  # split rows by owner too
-            owners = owner_group(torch.arange(shape[0]), shape[0], S)
-            rows, self.row_ids = _classes(torch.cat([rows0, owners[:, None]], 1), S)
+            owners = owner_group(np.arange(shape[0]), shape[0], S)
+            rows, self.row_ids = _classes(np.concatenate([rows0, owners[:, None]], 1), S)
             H, Hn = _holders(rows, cols)
             O = rows[:, 2:3]
-            self.L, self.Ln = torch.where(H >= 0, H, O), torch.where(Hn >= 0, Hn, O)
+            self.L, self.Ln = np.where(H >= 0, H, O), np.where(Hn >= 0, Hn, O)
         else:
             self.L, self.Ln = H, Hn
-        self.kind_now = (H < 0).long()  # 0: the holder's subnet, 1: the owner shard
-        self.kind_next = (Hn < 0).long()
-        self.row_counts = torch.bincount(self.row_ids, minlength=len(rows))
-        self.col_counts = torch.bincount(self.col_ids, minlength=len(cols))
+        self.kind_now = (H < 0).astype(np.int64)  # 0: the holder's subnet, 1: the owner shard
+        self.kind_next = (Hn < 0).astype(np.int64)
+        self.row_counts = np.bincount(self.row_ids, minlength=len(rows))
+        self.col_counts = np.bincount(self.col_ids, minlength=len(cols))
 
-    def counts(self) -> torch.Tensor:
-        cols = self.col_counts if self.two_d else torch.ones(1, dtype=torch.long)
-        return (self.row_counts[:, None] * cols[None, :]).to(torch.float64)
+    def counts(self) -> np.ndarray:
+        cols = self.col_counts if self.two_d else np.ones(1, dtype=np.int64)
+        return (self.row_counts[:, None] * cols[None, :]).astype(np.float64)
 
-    def bound(self, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def bound(self, S: int) -> tuple[np.ndarray, np.ndarray]:
         """Elements (per trailing slice) each group must send / receive: an element leaves
         its place when its place changes (module docstring of accounting.py)."""
-        moved = (self.L != self.Ln).to(torch.float64) * self.counts()
-        sent = torch.zeros(S, dtype=torch.float64).index_add_(0, self.L.flatten(), moved.flatten())
-        received = torch.zeros(S, dtype=torch.float64).index_add_(0, self.Ln.flatten(), moved.flatten())
+        moved = (self.L != self.Ln) * self.counts()
+        sent = np.bincount(self.L.ravel(), weights=moved.ravel(), minlength=S)
+        received = np.bincount(self.Ln.ravel(), weights=moved.ravel(), minlength=S)
         return sent, received
 
-    def boxes(self, cells: torch.Tensor) -> list[Box]:
+    def boxes(self, cells: np.ndarray) -> list[Box]:
         """Merge the cells of a boolean (row class x column class) mask into boxes: row
         classes with the same set of columns become one box, in order of first row class."""
-        with_rows = cells.any(1).nonzero().flatten()
+        with_rows = np.flatnonzero(cells.any(1))
         if not len(with_rows):
             return []
-        signatures, which = torch.unique(cells[with_rows].to(torch.uint8), dim=0, return_inverse=True)
-        first = torch.full((len(signatures),), len(with_rows), dtype=torch.long).scatter_reduce_(
-            0, which, torch.arange(len(with_rows)), "amin")
+        packed = np.packbits(cells[with_rows], axis=1)
+        groups: dict[bytes, int] = {}
+        which = np.array([groups.setdefault(row.tobytes(), len(groups)) for row in packed], dtype=np.int64)
+        first = np.unique(which, return_index=True)[1]  # groups are numbered by first row class already
+        signatures = cells[with_rows[first]]
+        group_of_class = np.full(len(cells), -1, dtype=np.int64)
+        group_of_class[with_rows] = which
+        row_group = group_of_class[self.row_ids]
         out = []
-        for g in torch.argsort(first).tolist():
-            rows = _members(self.row_ids, with_rows[which == g], len(cells))
-            cols = _members(self.col_ids, signatures[g].nonzero().flatten(), cells.shape[1]) if self.two_d else None
+        for g in range(len(groups)):
+            rows = np.flatnonzero(row_group == g)
+            cols = np.flatnonzero(signatures[g][self.col_ids]) if self.two_d else None
             out.append(Box(None if len(rows) == self.shape[0] else rows,
                            None if cols is None or len(cols) == self.shape[1] else cols))
         return out
-
-
-def _members(ids: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Coordinates (ascending) whose class is one of ``classes``."""
-    chosen = torch.zeros(num_classes, dtype=torch.bool)
-    chosen[classes] = True
-    return chosen[ids].nonzero().flatten()
 
 
 KINDS = ("sub", "own")
@@ -504,7 +508,7 @@ class _FieldBoxes:
         involved = ((L == me) | (Ln == me)) & ~((L == Ln) & (kind_now == 1) & (kind_next == 1))
         code = (L * S + Ln) * 4 + kind_now * 2 + kind_next
         self.pairs: dict[tuple[int, int], list] = {}
-        for c in torch.unique(code[involved]).tolist():
+        for c in np.unique(code[involved]).tolist():
             pair, kind = divmod(c, 4)
             boxes = grid.boxes(involved & (code == c))
             self.pairs.setdefault(divmod(pair, S), []).append(((KINDS[kind // 2], KINDS[kind % 2]), boxes))
@@ -516,7 +520,7 @@ def located_boxes(layout: Layout, S: int) -> tuple[bool, dict[int, list[tuple[st
     grid = _Grid(layout, layout, S)
     code = grid.L * 2 + grid.kind_now
     out: dict[int, list] = {}
-    for c in torch.unique(code).tolist():
+    for c in np.unique(code).tolist():
         group, kind = divmod(c, 2)
         out.setdefault(group, []).append((KINDS[kind], grid.boxes(code == c)))
     return grid.owner, out
@@ -547,25 +551,24 @@ def write_box(target: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tenso
         target.copy_(value)
 
 
-def _classes(keys: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _classes(keys: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray]:
     """Distinct rows of ``keys`` (small integers >= ANY) in sorted order, and each
     coordinate's class index."""
     base = S + 3
-    shifted = keys - ANY
-    weights = base ** torch.arange(keys.shape[1], dtype=torch.long)
-    code = (shifted * weights).sum(1)
-    unique, ids = torch.unique(code, return_inverse=True)
+    weights = base ** np.arange(keys.shape[1], dtype=np.int64)
+    code = ((keys - ANY) * weights).sum(1)
+    unique, ids = np.unique(code, return_inverse=True)
     decoded = (unique[:, None] // weights) % base + ANY
-    return decoded, ids
+    return decoded, ids.ravel()
 
 
-def _holders(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _holders(rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Holder now and next of every (row class, column class) cell (``NONE``: unheld)."""
     out = []
     for t in (0, 1):
         a, b = rows[:, t : t + 1], cols[None, :, t]
-        h = torch.where(a == ANY, b, torch.where(b == ANY, a, torch.where(a == b, a, NONE)))
-        out.append(torch.where(h < 0, NONE, h))
+        h = np.where(a == ANY, b, np.where(b == ANY, a, np.where(a == b, a, NONE)))
+        out.append(np.where(h < 0, NONE, h))
     return out[0], out[1]
 
 
