@@ -12,8 +12,8 @@ from .decompose import (
     decompose,
     find_residual_stages,
 )
-from .checkpoint import CheckpointError
-from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTSyncError
+from .checkpoint import CheckpointError, CheckpointSaveError
+from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTPeerFailure, ISTSyncError
 from .plan import Plan, make_plan
 from .preflight import check_setup
 from .reference import ReferenceIST
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Assignment",
     "CheckpointError",
+    "CheckpointSaveError",
     "Decomposition",
     "IST",
     "ISTAccelerator",
@@ -36,6 +37,7 @@ __all__ = [
     "ISTError",
     "ISTModel",
     "ISTNonFiniteError",
+    "ISTPeerFailure",
     "ISTSyncError",
     "MLPDecomposition",
     "Piece",

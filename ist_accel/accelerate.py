@@ -563,7 +563,10 @@ class ISTAccelerator(Accelerator):
 
     def end_training(self) -> None:
         """Accelerate's ``end_training``; round metrics not logged yet go out first (at the
-        loop's last logged step, or IST's step when the loop never logged)."""
+        loop's last logged step, or IST's step when the loop never logged). A round in
+        progress is synced first, so the steps since the last sync reach the global model."""
+        if self.ist is not None:
+            self.ist.finish()
         if self._round_logs:
             self._flush_round_logs(self._user_step if self._user_logged else (self.ist.steps if self.ist else None))
         super().end_training()

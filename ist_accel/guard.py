@@ -24,6 +24,7 @@ from .transport import Transport
 logger = logging.getLogger(__name__)
 
 PHASES = {"set-up": 1, "sync": 2, "read": 3}
+COUNTS = ("round", "step", "world size")  # fields reported by value (the others are digests)
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -56,9 +57,11 @@ class RoundGuard:
                         f"ranks are at different points (rank {self.rank} is in {names.get(value, value)}, others "
                         f"range {names.get(low, low)}..{names.get(high, high)}): every rank must sync, evaluate and "
                         "save at the same steps")
+                values = f"rank {self.rank} has {value}, others range {low}..{high}" if name in COUNTS else \
+                    f"rank {self.rank}'s differs from another rank's"
                 raise ISTAgreementError(
-                    f"ranks disagree on the {name} (rank {self.rank} has {value}, others range {low}..{high}): every "
-                    "rank must run the same config, seed, model and step count")
+                    f"ranks disagree on the {name} ({values}): every rank must run the same model, config, seed and "
+                    "step count")
         return sorted({int(g) for g, flag in every[:, k:].tolist() if flag})
 
     def verdict(self, groups: list[int], where: str) -> bool:

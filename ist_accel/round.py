@@ -34,6 +34,7 @@ from .exchange import Exchange, Timings
 from .faults import ISTError, ISTSyncError, inject, peer_failures
 from .global_view import GlobalView
 from .guard import PHASES, RoundGuard, all_finite, clone_state
+from .lifecycle import apply_sync_timeout, exit_with_parent
 from .preflight import check_setup
 from .subnet import SubnetTensors
 from .topology import Topology
@@ -115,6 +116,8 @@ class IST:
         self.config = config
         # config, world size and model checked together before any group of ours exists
         self.decomposition = check_setup(model, config, dist.get_world_size(), example_input)
+        exit_with_parent()  # a launched worker ends with its launcher
+        apply_sync_timeout(config.sync_timeout)  # the default group, whoever created it, fails within the timeout
         self.topology = Topology(config.num_subnets, config.group_size, config.sync_timeout)
         self.transport = Transport(self.topology)
         top = self.topology
@@ -342,14 +345,14 @@ class IST:
     # ---- rank agreement and numerical faults --------------------------------------
 
     def _agreement_fields(self, phase: str, fields: list[FieldSpec] | None = None) -> dict[str, int]:
-        return {
+        return {  # the most basic first: the first field that differs is the one reported
             "phase": PHASES[phase],
+            "world size": dist.get_world_size(),
+            "model": self._model_hash,
+            "config": int(self.config.fingerprint()[:12], 16),
             "round": self.round,
             "step": self.steps,
-            "world size": dist.get_world_size(),
-            "config": int(self.config.fingerprint()[:12], 16),
             "assignment": int(self.assignment.digest()[:12], 16),
-            "model": self._model_hash,
             "fields": _digest([(f.name, tuple(f.shape)) for f in fields]) if fields is not None else 0,
         }
 
@@ -395,6 +398,8 @@ class IST:
             plan = self.global_view.plan(self.round, self.base_fields, self.layouts)
             plan_fields = plan.fields
             values = self.tensors.tensors()
+            if self.intra is not None and self.round_steps:  # the group's replicas differ in their statistics
+                values = {**values, **self._buffers_averaged_in_group(values)}
             current = {}
             for i, f in enumerate(plan_fields):
                 name = self.layouts[f.param].subnet_names.get(self.group_index)
@@ -647,6 +652,21 @@ class IST:
                 else:
                     store[attr] = view
         self.exchange.flat_shared = (flat, tuple((plan.fields[i].name, offset, n) for i, offset, n in plan.shared))
+
+    def _buffers_averaged_in_group(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copies of the subnet's float buffers averaged over the group (as a sync would)."""
+        names = [n for n, _ in self.subnet.named_buffers() if n in values]
+        if not names:
+            return {}
+        flat = torch.cat([values[n].reshape(-1) for n in names]).float()
+        self.transport.all_reduce(flat, "intra", group=self.intra)
+        flat /= self.config.group_size
+        out, offset = {}, 0
+        for n in names:
+            k = values[n].numel()
+            out[n] = flat[offset : offset + k].view_as(values[n]).to(values[n].dtype)
+            offset += k
+        return out
 
     def _average_buffers_in_group(self) -> None:
         buffers = [b for b in self.subnet.buffers() if b.is_floating_point()]

@@ -127,9 +127,12 @@ class ISTTrainerMixin:
 
         module.deepspeed_load_checkpoint = load
         try:
-            return super().train(*args, **kwargs)  # type: ignore[misc]
+            output = super().train(*args, **kwargs)  # type: ignore[misc]
         finally:
             module.deepspeed_load_checkpoint = original
+        if self.accelerator.ist is not None:
+            self.accelerator.ist.finish()  # training ended mid-round: those steps reach the global model
+        return output
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's log, with the last round's IST metrics (so every reporter gets them)."""

@@ -55,7 +55,7 @@ def name_of(model):
     return "mlp" if isinstance(model, torch.nn.Sequential) else "resnet"
 
 
-def reference(name, S, G, policy, warmup=0, bf16=False):
+def reference(name, S, G, policy, warmup=0, bf16=False, partial=0):
     """The same rounds by hand: each optimizer step sums ACCUM micro-batch losses / ACCUM,
     clips the (group-averaged) gradient to norm 1, and the lr halves every LOCAL_STEPS steps."""
     torch.set_num_threads(1)
@@ -75,10 +75,10 @@ def reference(name, S, G, policy, warmup=0, bf16=False):
         losses = [torch.nn.functional.cross_entropy(forward(model, x), y) for x, y in micro_batches]
         return sum(losses) / len(micro_batches)
 
-    for r in range(ROUNDS):
+    for r in range(ROUNDS + bool(partial)):
         for opt in ref.optimizers:
             opt.param_groups[0]["lr"] = 0.01 * 0.5 ** (r + warmup // LOCAL_STEPS)
-        steps = range(r * LOCAL_STEPS, (r + 1) * LOCAL_STEPS)
+        steps = range(r * LOCAL_STEPS, r * LOCAL_STEPS + (partial if r == ROUNDS else LOCAL_STEPS))
         batches = [[[[batch_for(name, s, g, t * ACCUM + k) for k in range(ACCUM)] for t in steps]
                      for g in range(G)] for s in range(S)]
         ref.run_round(batches, accumulated)
@@ -87,23 +87,26 @@ def reference(name, S, G, policy, warmup=0, bf16=False):
     return model, logits
 
 
-CASES = [("resnet", 2, 1, "reset", 0, False), ("mlp", 2, 1, "carry", 0, False), ("resnet", 2, 2, "carry", 0, False),
-         ("resnet", 2, 1, "reset", 2, False), ("mlp", 2, 2, "carry", 2, False), ("resnet", 2, 1, "carry", 0, True)]
+# (model, S, G, policy, warm-up steps, bf16, steps after the last round: end_training() syncs them)
+CASES = [("resnet", 2, 1, "reset", 0, False, 0), ("mlp", 2, 1, "carry", 0, False, 1),
+         ("resnet", 2, 2, "carry", 0, False, 0), ("resnet", 2, 1, "reset", 2, False, 0),
+         ("mlp", 2, 2, "carry", 2, False, 0), ("resnet", 2, 1, "carry", 0, True, 0)]
 
 
-@pytest.mark.parametrize("name,S,G,policy,warmup,bf16", CASES,
+@pytest.mark.parametrize("name,S,G,policy,warmup,bf16,partial", CASES,
                          ids=[f"{m}-S{s}xG{g}-{p}" + (f"-warmup{w}" if w else "") + ("-bf16" if b else "")
-                              for m, s, g, p, w, b in CASES])
-def test_accelerate_loop_matches_reference(tmp_path, name, S, G, policy, warmup, bf16):
+                              + (f"-partial{k}" if k else "") for m, s, g, p, w, b, k in CASES])
+def test_accelerate_loop_matches_reference(tmp_path, name, S, G, policy, warmup, bf16, partial):
     proc = torchrun("accel_worker.py", S * G, ["--model", name, "--num-subnets", str(S), "--group-size", str(G),
                                               "--policy", policy, "--rounds", str(ROUNDS), "--local-steps",
                                               str(LOCAL_STEPS), "--accum", str(ACCUM), "--warmup", str(warmup),
-                                              "--mixed-precision", "bf16" if bf16 else "no", "--out", str(tmp_path)],
+                                              "--mixed-precision", "bf16" if bf16 else "no", "--partial", str(partial),
+                                              "--out", str(tmp_path)],
                     env={"HF_HUB_OFFLINE": "1"})
     ranks = [tmp_path / f"rank{r}.json" for r in range(S * G)]
     assert all(p.exists() for p in ranks) and (tmp_path / "global.pt").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     got = torch.load(tmp_path / "global.pt")
-    expected, expected_logits = reference(name, S, G, policy, warmup, bf16)
+    expected, expected_logits = reference(name, S, G, policy, warmup, bf16, partial)
     for key, value in exported(expected, S, G).items():  # get_state_dict exports the evaluated model
         if value.is_floating_point():
             torch.testing.assert_close(got["global"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
@@ -112,8 +115,8 @@ def test_accelerate_loop_matches_reference(tmp_path, name, S, G, policy, warmup,
         torch.testing.assert_close(got["global"][key], value, rtol=0, atol=0)
     for r in map(json.loads, (p.read_text() for p in ranks)):
         # accumulation counts optimizer steps: ROUNDS rounds of LOCAL_STEPS steps, not micro-batches
-        assert (r["rounds"], r["steps"]) == (ROUNDS, ROUNDS * LOCAL_STEPS)
-        steps = warmup + ROUNDS * LOCAL_STEPS  # the scheduler runs on through the switch
+        assert (r["rounds"], r["steps"]) == (ROUNDS + bool(partial), ROUNDS * LOCAL_STEPS + partial)
+        steps = warmup + ROUNDS * LOCAL_STEPS + partial  # the scheduler runs on through the switch
         assert r["lrs"] == pytest.approx([0.01 * 0.5 ** ((t + 1) // LOCAL_STEPS) for t in range(steps)])
 
 

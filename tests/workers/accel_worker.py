@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=0, help="data-parallel warm-up steps before IST")
     ap.add_argument("--mixed-precision", default="no")
     ap.add_argument("--zero-stage", type=int, default=0, help="DeepSpeed ZeRO stage inside each group (0: no DeepSpeed)")
+    ap.add_argument("--partial", type=int, default=0, help="optimizer steps after the last round; end_training syncs them")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -51,7 +52,7 @@ def main() -> None:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     s, g = divmod(accelerator.process_index, args.group_size)
     lrs = []
-    for t in range(args.warmup + args.rounds * args.local_steps):
+    for t in range(args.warmup + args.rounds * args.local_steps + args.partial):
         warm = t < args.warmup
         assert accelerator.in_warmup == warm
         for k in range(args.accum):
@@ -68,7 +69,7 @@ def main() -> None:
                 scheduler.step()
                 optimizer.zero_grad()
         lrs.append(optimizer.param_groups[0]["lr"])
-    before = accelerator.get_state_dict(model)
+    before = accelerator.get_state_dict(model)  # with --partial: mid-round, the model a sync now would give
     model.eval()
     with torch.no_grad():
         logits = model(torch.stack([x for x, _ in eval_items(args.model)]))
@@ -76,18 +77,18 @@ def main() -> None:
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         torch.save({"global": {k: v.clone() for k, v in state.items()}, "before": before, "logits": logits}, os.path.join(args.out, "global.pt"))
+    zero = {}
+    if args.zero_stage:
+        tensors = accelerator.ist.tensors
+        zero = {"optimizer_state_elements": tensors.optimizer_state_elements(),
+                "state_keys": tensors._state_keys(), "subnet_numel": accelerator.ist.subnet_numel(),
+                "zero_stage": accelerator.zero_engine.zero_optimization_stage(),
+                "dp_world_size": accelerator.zero_engine.dp_world_size}
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # syncs a round in progress (--partial), then ends the run
     with open(os.path.join(args.out, f"rank{accelerator.process_index}.json"), "w") as f:
-        zero = {}
-        if args.zero_stage:
-            tensors = accelerator.ist.tensors
-            zero = {"optimizer_state_elements": tensors.optimizer_state_elements(),
-                    "state_keys": tensors._state_keys(), "subnet_numel": accelerator.ist.subnet_numel(),
-                    "zero_stage": accelerator.zero_engine.zero_optimization_stage(),
-                    "dp_world_size": accelerator.zero_engine.dp_world_size}
         json.dump({"lrs": lrs, "rounds": accelerator.ist.round, "steps": accelerator.ist.steps,
                    "micro_batches": args.rounds * args.local_steps * args.accum, **zero}, f)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     sys.stdout.flush()
     os._exit(0)
 
