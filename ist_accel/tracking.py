@@ -11,18 +11,25 @@ from .round import RoundMetrics, Totals
 
 
 def round_log(metrics: RoundMetrics, totals: Totals, subnet_params: int) -> dict[str, float]:
-    """Scalars for one round (this rank's measurements), under ``ist/``."""
+    """Scalars for one round (this rank's measurements), under ``ist/``: the round's exchange
+    beside its lower bound, every other byte (agreement checks, gathers, set-up) and the
+    run's totals, and the round's seconds by phase."""
+    ledger_sent = sum(sent for sent, _ in totals.ledger.values())
     return {
         "ist/round": metrics.round,
         "ist/bytes_sent": metrics.bytes_sent,
         "ist/bytes_received": metrics.bytes_received,
         "ist/bytes_lower": metrics.bytes_lower,
+        "ist/other_bytes_sent": metrics.other_bytes_sent,
         "ist/bytes_sent_total": totals.bytes_sent,
         "ist/bytes_received_total": totals.bytes_received,
         "ist/bytes_lower_total": totals.bytes_lower,
+        "ist/all_bytes_sent_total": ledger_sent,
         "ist/subnet_params": subnet_params,
         "ist/compute_seconds": metrics.compute_seconds,
         "ist/sync_seconds": metrics.sync_seconds,
+        "ist/plan_seconds": metrics.plan_seconds,
+        "ist/wire_seconds": metrics.wire_seconds,
     }
 
 

@@ -31,6 +31,7 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
 from .accelerate import RANK_STATE, ISTAccelerator, ISTModel, _retarget_scheduler
 from .config import ISTConfig
+from .tracking import round_log
 from .lifecycle import exit_with_parent
 
 logger = logging.getLogger(__name__)
@@ -54,12 +55,7 @@ class ISTCallback(TrainerCallback):
 
 def round_metrics(ist: Any) -> dict[str, float]:
     """The last round's measurements and the run's totals, for the Trainer's logs."""
-    last, totals = ist.totals.history[-1], ist.totals
-    return {"ist/round": totals.rounds, "ist/bytes_sent": last.bytes_sent, "ist/bytes_received": last.bytes_received,
-            "ist/bytes_lower": last.bytes_lower, "ist/bytes_sent_total": totals.bytes_sent,
-            "ist/bytes_received_total": totals.bytes_received, "ist/bytes_lower_total": totals.bytes_lower,
-            "ist/subnet_params": ist.subnet_numel(), "ist/compute_seconds": last.compute_seconds,
-            "ist/sync_seconds": last.sync_seconds}
+    return round_log(ist.totals.history[-1], ist.totals, ist.subnet_numel())
 
 
 class ISTTrainerMixin:

@@ -33,6 +33,7 @@ from .accelerate import ISTAccelerator
 from .accounting import ring_allreduce_bytes
 from .faults import ISTPeerFailure, ISTSyncError, peer_failed, peer_failures, record_failure
 from .preflight import check_setup
+from .wiretap import Wiretap
 from .config import DECOMPOSITIONS, OPTIMIZER_STATE_POLICIES, WIRE_DTYPES, ISTConfig
 
 logger = logging.getLogger(__name__)
@@ -305,6 +306,14 @@ def _stop_if_a_peer_failed() -> None:
 
 
 def _train(args, accelerator, model, train_set, eval_set) -> dict[str, Any] | None:
+    tap = Wiretap().install()  # every byte this rank moves, by phase (setup, train, exchange, eval, save)
+    try:
+        return _run(args, accelerator, model, train_set, eval_set, tap)
+    finally:
+        tap.uninstall()
+
+
+def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[str, Any] | None:
     set_seed(args.seed)
     output = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -327,8 +336,10 @@ def _train(args, accelerator, model, train_set, eval_set) -> dict[str, Any] | No
     model_params = sum(p.numel() for p in model.parameters())
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
+    _count_exchanges(tap, accelerator, model)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
+    accelerator.register_for_checkpointing(tap)  # a resumed run goes on counting
     if args.resume:
         _resume(accelerator, args, output)
     if accelerator.log_with:
@@ -336,22 +347,50 @@ def _train(args, accelerator, model, train_set, eval_set) -> dict[str, Any] | No
                                   init_kwargs={"wandb": {"name": args.run_name, "dir": str(output)}})
     local_sgd = (LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=args.local_steps)
                  if args.method == "localsgd" else _NoLocalSGD())  # LocalSGD refuses DeepSpeed even when off
-    results = _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
-                    total_steps, batches_per_epoch, local_sgd, model_params)
+    if args.method == "localsgd":  # its syncs (and the one more at __exit__) are its exchange
+        local_sgd._sync_and_avg_model_params = _in_phase(tap, "exchange", local_sgd._sync_and_avg_model_params)
+    with tap.phase("train"):
+        results = _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
+                        total_steps, batches_per_epoch, local_sgd, model_params, tap)
     if results is None:
         return None
-    results.update(_communication(args, accelerator, model_params, progress.step))
+    with tap.phase("save"):
+        accelerator.save_model(model, output / "model")
+    with tap.phase("report"):
+        results.update(_communication(args, accelerator, model_params, progress.step, tap))
     results["model_params"] = model_params
     if accelerator.is_main_process:
         (output / "results.json").write_text(json.dumps(results, indent=2))
         logger.info("results: %s", json.dumps(results))
-    accelerator.save_model(model, output / "model")
     accelerator.end_training()
     return results
 
 
+def _in_phase(tap: Wiretap, phase: str, fn: Any) -> Any:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        with tap.phase(phase):
+            return fn(*args, **kwargs)
+
+    counted.__wrapped__ = fn
+    return counted
+
+
+def _count_exchanges(tap: Wiretap, accelerator: Accelerator, model: nn.Module) -> None:
+    """Put each method's model synchronization under the wiretap's ``exchange`` phase: DDP's
+    gradient buckets (a comm hook, as DDP's default averages them; also a warm-up's and a
+    subnet group's DDP), IST's round ends."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for candidate in (model, getattr(model, "subnet", None)):
+        if isinstance(candidate, DistributedDataParallel):
+            candidate.register_comm_hook(None, tap.ddp_hook("exchange"))
+    ist = getattr(accelerator, "ist", None)
+    if ist is not None and not hasattr(ist.sync, "__wrapped__"):
+        ist.sync = _in_phase(tap, "exchange", ist.sync)
+
+
 def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress, total_steps,
-          batches_per_epoch, local_sgd, model_params) -> dict[str, Any] | None:
+          batches_per_epoch, local_sgd, model_params, tap) -> dict[str, Any] | None:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process,
@@ -383,6 +422,8 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
                 if not accelerator.sync_gradients:
                     continue
                 progress.step += 1
+                if args.method == "ist" and accelerator.ist is not None and not hasattr(accelerator.ist.sync, "__wrapped__"):
+                    _count_exchanges(tap, accelerator, model)  # IST began after a data-parallel warm-up
                 _stop_if_a_peer_failed()  # one store round trip: every rank stops with the failing rank's reason
                 local_sgd.step()
                 bar.update(1)
@@ -395,14 +436,16 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
                     loss_sum, loss_count = 0.0, 0
                 if args.eval_every and step % args.eval_every == 0 and step < total_steps:
                     eval_started = time.perf_counter()
-                    accuracy = evaluate(accelerator, model, eval_loader)
-                    history.append(_point(args, accelerator, progress, accuracy, time.perf_counter() - started - eval_time,
-                                          model_params))
+                    with tap.phase("eval"):
+                        accuracy = evaluate(accelerator, model, eval_loader)
+                        history.append(_point(args, accelerator, progress, accuracy,
+                                              time.perf_counter() - started - eval_time, tap))
                     eval_time += time.perf_counter() - eval_started
                     accelerator.log({"eval/accuracy": accuracy}, step=step)
                     bar.write(f"step {step}: eval accuracy {accuracy:.4f}") if accelerator.is_main_process else None
                 if args.checkpoint_every and step % args.checkpoint_every == 0:
-                    _checkpoint(accelerator, args, step)
+                    with tap.phase("save"):
+                        _checkpoint(accelerator, args, step)
                 if args.stop_after_steps and step == args.stop_after_steps:
                     bar.close()
                     logger.warning("stopping abruptly after %d steps (--stop-after-steps)", step)
@@ -411,8 +454,9 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
                     break
     bar.close()
     train_seconds = time.perf_counter() - started - eval_time
-    accuracy = evaluate(accelerator, model, eval_loader)
-    history.append(_point(args, accelerator, progress, accuracy, train_seconds, model_params))
+    with tap.phase("eval"):
+        accuracy = evaluate(accelerator, model, eval_loader)
+        history.append(_point(args, accelerator, progress, accuracy, train_seconds, tap))
     accelerator.log({"eval/accuracy": accuracy}, step=progress.step)
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, state_elements],
                         dtype=torch.float64, device=accelerator.device)
@@ -442,45 +486,48 @@ class _NoLocalSGD(contextlib.nullcontext):
         pass
 
 
-def _point(args, accelerator, progress, accuracy: float, seconds: float, model_params: int) -> dict[str, float]:
-    """One point of the accuracy curve: samples, bytes sent per worker so far (measured for
-    IST, the ring all-reduce for the baselines) and seconds of training so far (for IST the
+def _point(args, accelerator, progress, accuracy: float, seconds: float, tap: Wiretap) -> dict[str, float]:
+    """One point of the accuracy curve: samples, exchange bytes sent per worker so far
+    (measured by the wiretap, mean over ranks) and seconds of training so far (for IST the
     measured compute, without the syncs; for the baselines the loop's wall time)."""
-    if args.method == "ist":
-        t = accelerator.ist.totals
-        mean = accelerator.reduce(torch.tensor([t.bytes_sent, t.compute_seconds], dtype=torch.float64,
-                                               device=accelerator.device), "mean").tolist()
-        warmup = accelerator.dense_warmup_steps * ring_allreduce_bytes(model_params, accelerator.num_processes)
-        sent, compute = mean[0] + warmup, mean[1]
-    else:
-        syncs = progress.step if args.method == "ddp" else progress.step // args.local_steps
-        sent, compute = syncs * ring_allreduce_bytes(model_params, accelerator.num_processes), seconds
+    compute = accelerator.ist.totals.compute_seconds if args.method == "ist" and accelerator.ist is not None else seconds
+    mean = accelerator.reduce(torch.tensor([tap.sent.get("exchange", 0.0), compute], dtype=torch.float64,
+                                           device=accelerator.device), "mean").tolist()
     return {"step": progress.step, "samples_per_worker": progress.batches_seen * args.batch_size,
-            "accuracy": accuracy, "bytes_sent_per_worker": sent, "compute_seconds": compute}
+            "accuracy": accuracy, "bytes_sent_per_worker": mean[0], "compute_seconds": mean[1]}
 
 
-def _communication(args, accelerator, model_params: int, steps: int) -> dict[str, Any]:
-    """Bytes per worker for the whole run: measured for IST (mean over ranks); for the
-    baselines, a bandwidth-optimal ring all-reduce of the parameters (per step for DDP,
-    per round for LocalSGD), which is also their lower bound."""
+def _communication(args, accelerator, model_params: int, steps: int, tap: Wiretap) -> dict[str, Any]:
+    """Bytes per worker for the whole run (mean over ranks), all measured by the wiretap:
+    ``bytes_*_per_worker`` the method's model synchronization (IST's round ends; DDP's
+    gradients; LocalSGD's syncs, with the one more at the end), ``total_bytes_*`` every
+    byte (also set-up broadcasts, DDP's buffer broadcasts, agreement checks, evaluation and
+    saving gathers), ``bytes_by_phase`` where they went. ``bytes_lower_per_worker``: IST's
+    lower bound; for the baselines the ring all-reduce of the parameters per sync."""
     world = accelerator.num_processes
+    phases = ("setup", "train", "exchange", "eval", "save")
+    counts = [tap.sent.get("exchange", 0.0), tap.received.get("exchange", 0.0), *tap.total(),
+              *(tap.sent.get(p, 0.0) for p in phases)]
+    out: dict[str, Any] = {}
     if args.method == "ist":
         ist = accelerator.ist
         t = ist.totals
-        values = torch.tensor([t.bytes_sent, t.bytes_received, t.bytes_lower, t.compute_seconds, t.sync_seconds,
-                               ist.subnet_numel()], dtype=torch.float64, device=accelerator.device)
-        mean = accelerator.reduce(values, "mean").tolist()
-        # a data-parallel warm-up all-reduced the whole model every step: counted, at its ring bound
+        counts += [t.bytes_sent, t.bytes_lower, t.compute_seconds, t.sync_seconds, ist.subnet_numel()]
+    mean = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=accelerator.device), "mean").tolist()
+    out.update({"bytes_sent_per_worker": mean[0], "bytes_received_per_worker": mean[1],
+                "total_bytes_sent_per_worker": mean[2], "total_bytes_received_per_worker": mean[3],
+                "bytes_by_phase": dict(zip(phases, mean[4:9])), "bytes_measured": True})
+    if args.method == "ist":
         warm = accelerator.dense_warmup_steps * ring_allreduce_bytes(model_params, world)
-        return {"rounds": t.rounds, "bytes_sent_per_worker": mean[0] + warm, "bytes_received_per_worker": mean[1] + warm,
-                "bytes_lower_per_worker": mean[2] + warm, "compute_seconds": mean[3], "sync_seconds": mean[4],
-                "subnet_params": mean[5], "bytes_measured": True, "dense_warmup_steps": accelerator.dense_warmup_steps,
-                "dense_warmup_bytes_per_worker": warm, "ist_config": accelerator.ist_config.to_dict()}
+        out.update({"rounds": t.rounds, "engine_bytes_sent_per_worker": mean[9], "bytes_lower_per_worker": mean[10] + warm,
+                    "compute_seconds": mean[11], "sync_seconds": mean[12], "subnet_params": mean[13],
+                    "dense_warmup_steps": accelerator.dense_warmup_steps, "dense_warmup_bytes_per_worker": warm,
+                    "ist_config": accelerator.ist_config.to_dict()})
+        return out
     syncs = steps if args.method == "ddp" else steps // args.local_steps
-    per_sync = ring_allreduce_bytes(model_params, world)
-    return {"rounds": syncs, "bytes_sent_per_worker": per_sync * syncs, "bytes_received_per_worker": per_sync * syncs,
-            "bytes_lower_per_worker": per_sync * syncs, "compute_seconds": None, "sync_seconds": None,
-            "subnet_params": model_params, "bytes_measured": False}
+    out.update({"rounds": syncs, "bytes_lower_per_worker": ring_allreduce_bytes(model_params, world) * syncs,
+                "compute_seconds": None, "sync_seconds": None, "subnet_params": model_params})
+    return out
 
 
 def _checkpoint_root(output: Path) -> Path:

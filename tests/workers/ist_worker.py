@@ -16,6 +16,7 @@ from common import batch_for, eval_items, make_model, loss_fn, score  # noqa: E4
 
 from ist_accel import ISTConfig  # noqa: E402
 from ist_accel.round import IST  # noqa: E402
+from ist_accel.wiretap import Wiretap  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +40,15 @@ def main() -> None:
                        optimizer_state=args.policy, seed=5 + dist.get_rank() * args.seed_rank_offset,
                        wire_dtype=args.wire_dtype, nonfinite=args.nonfinite, decomposition=args.decomposition, sync_timeout=args.timeout)
     model = make_model(args.model)
+    tap = Wiretap().install()  # an independent count of every byte, to check the engine's own
     ist = IST(model, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), config)
+    sync = ist.sync
+
+    def counted_sync():
+        with tap.phase("exchange"):
+            return sync()
+
+    ist.sync = counted_sync
     resident_after_setup = ist.resident_elements()
     s, g = ist.group_index, ist.replica
     for t in range(args.rounds * args.local_steps):
@@ -55,7 +64,7 @@ def main() -> None:
     if ist.rank == 0:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(args.out, "global.pt"))
     with open(os.path.join(args.out, f"rank{ist.rank}.json"), "w") as f:
-        json.dump({"history": history, "accuracy": accuracy, "resident_after_eval": resident_after_eval, "resident_after_setup": resident_after_setup, "resident_peak": peak,
+        json.dump({"wiretap": tap.report(), "ledger": ist.transport.ledger.copy(), "history": history, "accuracy": accuracy, "resident_after_eval": resident_after_eval, "resident_after_setup": resident_after_setup, "resident_peak": peak,
                    "subnet_elements": sum(t.numel() for t in ist.subnet.state_dict().values()),
                    "global_elements": sum(sh.numel() for sh, _ in ist.global_shapes.values())}, f)
     ist.close()
