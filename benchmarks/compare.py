@@ -93,6 +93,8 @@ def summarize(runs: dict[str, list[dict]], bandwidth: float) -> tuple[list[dict]
             "method": method,
             "final_accuracy": [r["final_accuracy"] for r in rs],
             "bytes_per_sample": per_sample,
+            "total_bytes_per_sample": [r.get("total_bytes_sent_per_worker", r["bytes_sent_per_worker"])
+                                       / r["samples_per_worker"] for r in rs],
             "bytes_vs_ddp": [ddp_bytes / b if b and ddp_bytes else float("inf") for b in per_sample],
             "measured_vs_lower": [r["bytes_sent_per_worker"] / r["bytes_lower_per_worker"]
                                   if r["bytes_lower_per_worker"] else 1.0 for r in rs],
@@ -108,13 +110,15 @@ def summarize(runs: dict[str, list[dict]], bandwidth: float) -> tuple[list[dict]
 
 
 def table(rows: list[dict], target: float, bandwidth: float) -> str:
-    head = ("| method | final accuracy | bytes / worker / sample | DDP bytes / these | bytes / lower bound | "
+    head = ("| method | final accuracy | exchange bytes / worker / sample | all bytes / worker / sample | "
+            "DDP bytes / these | bytes / lower bound | "
             f"peak RSS MiB | state elements / worker | compute s / round | sync s / round | "
             f"modeled s to {target:.3f} at {bandwidth * 8 / 1e9:g} Gbit/s |")
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         bytes_note = "" if r["bytes_measured"] else " (ring model)"
         lines.append(f"| {r['method']} | {spread(r['final_accuracy'])} | {spread(r['bytes_per_sample'])}{bytes_note} | "
+                     f"{spread(r['total_bytes_per_sample'])} | "
                      f"{spread(r['bytes_vs_ddp'])} | {spread(r['measured_vs_lower'])} | {spread(r['peak_rss_mib'])} | "
                      f"{spread(r['peak_state_elements'])} | {spread(r['compute_s_per_round'])} | "
                      f"{spread(r['sync_s_per_round'])} | {spread(r['modeled_seconds_to_target'])} |")
