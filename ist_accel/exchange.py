@@ -114,13 +114,17 @@ class Exchange:
         start = time.perf_counter()
         packed = self.pack(plan, current)
         timings.pack = time.perf_counter() - start
+        self.finish(plan, packed, targets, timings)
+        return timings
+
+    def finish(self, plan: TransferPlan, packed: Packed, targets: Mapping[int, torch.Tensor], timings: Timings) -> None:
+        """Wire and unpack what :meth:`pack` produced, adding their seconds to ``timings``."""
         start = time.perf_counter()
         timings.shared = self.wire_messages(plan, packed)
         timings.wire = time.perf_counter() - start
         start = time.perf_counter()
         self.unpack(plan, packed, targets)
         timings.unpack = time.perf_counter() - start
-        return timings
 
     # ---- pack -------------------------------------------------------------------
 
@@ -166,6 +170,15 @@ class Exchange:
     def wire_messages(self, plan: TransferPlan, packed: Packed) -> float:
         """Move the bucket and the messages; returns the seconds of the shared all-reduce."""
         top, G = self.topology, self.topology.G
+        recv = self.buffers.get("recv", sum(_stripe_size(n, G, top.replica) for n in plan.recv_sizes.values()), self.wire)
+        stripes, offset = {}, 0
+        for a in sorted(plan.recv_sizes):
+            k = _stripe_size(plan.recv_sizes[a], G, top.replica)
+            stripes[a] = recv[offset : offset + k]
+            offset += k
+        # the units' messages fly while the shared set is all-reduced
+        works = self.transport.start({top.peer(c): _stripe(m, G, top.replica) for c, m in packed.messages.items()},
+                                     {top.peer(a): s for a, s in stripes.items()}, "exchange")
         start = time.perf_counter()
         if plan.shared_numel and top.S > 1:
             stripe = _stripe(packed.bucket, G, top.replica)
@@ -173,15 +186,8 @@ class Exchange:
             if G > 1:
                 self._gather_stripes({0: packed.bucket}, {0: packed.bucket.numel()}, "bucket")
         shared = time.perf_counter() - start
-        recv = self.buffers.get("recv", sum(_stripe_size(n, G, top.replica) for n in plan.recv_sizes.values()), self.wire)
-        stripes, offset = {}, 0
-        for a in sorted(plan.recv_sizes):
-            k = _stripe_size(plan.recv_sizes[a], G, top.replica)
-            stripes[a] = recv[offset : offset + k]
-            offset += k
-        self.transport.point_to_point(
-            {top.peer(c): _stripe(m, G, top.replica) for c, m in packed.messages.items()},
-            {top.peer(a): s for a, s in stripes.items()}, "exchange")
+        for work in works:
+            work.wait()
         if G > 1:
             full = self.buffers.get("recv_full", sum(plan.recv_sizes.values()), self.wire)
             whole, offset = {}, 0

@@ -13,7 +13,7 @@ one evaluating) meet in the same collective and are told so (field ``phase``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -44,9 +44,23 @@ class RoundGuard:
 
     def check(self, fields: dict[str, int], finite: bool = True) -> list[int]:
         """Raise unless every rank passed the same ``fields``; return the groups whose flag
-        says non-finite (raising under policy ``raise``)."""
+        says non-finite."""
+        return self.start(fields, finite)()
+
+    def start(self, fields: dict[str, int], finite: bool = True) -> Callable[[], list[int]]:
+        """Post the check and return its result to call later (local work can go on while
+        the flags travel)."""
         mine = torch.tensor([*fields.values(), self.group_index, int(not finite)], dtype=torch.int64)
-        every = self.transport.exchange_small(mine.to(self.device), "check").cpu()
+        out, works = self.transport.start_small(mine.to(self.device), "check")
+
+        def result() -> list[int]:
+            for work in works:
+                work.wait()
+            return self._verify(fields, out.cpu())
+
+        return result
+
+    def _verify(self, fields: dict[str, int], every: torch.Tensor) -> list[int]:
         k = len(fields)
         names = {v: k_ for k_, v in PHASES.items()}
         highs, lows = every[:, :k].max(0).values.tolist(), every[:, :k].min(0).values.tolist()

@@ -216,12 +216,9 @@ class IST:
         carry = self.config.optimizer_state == "carry"
         state = self.tensors.optimizer_state(self._keys) if carry else {}
         fields = self._fields(state)
-        if self._check("sync", fields=fields):
-            self._restore_snapshot()
-            state = self.tensors.optimizer_state(self._keys) if carry else {}
+        verdict = self._start_check("sync", fields)  # the flags travel while this rank packs
         if self.intra is not None:
             self._average_buffers_in_group()
-        check = time.perf_counter() - start
         plan_seconds = self._plan_seconds
         if self._plan is None or self._plan.fields != fields:
             plan_seconds += self._prepare_plan(state)  # the first round under carry: optimizer state appeared
@@ -229,9 +226,20 @@ class IST:
         plan = self._plan
         values = self.tensors.tensors()
         current, targets = self._bind(plan, values, state)
-        timings = self.exchange.run(plan, current, targets)
+        timings = Timings()
+        packed = self.exchange.pack(plan, current)
+        timings.pack = time.perf_counter() - start
+        check_started = time.perf_counter()
+        if verdict():  # policy skip: this group's update is dropped; pack its round-start values again
+            self._restore_snapshot()
+            state = self.tensors.optimizer_state(self._keys) if carry else {}
+            values = self.tensors.tensors()
+            current, targets = self._bind(plan, values, state)
+            packed = self.exchange.pack(plan, current)
+        check = time.perf_counter() - check_started
+        self.exchange.finish(plan, packed, targets, timings)
         inject("sync", self.rank, self.steps)
-        following = self.decomposition.assignment(self.round + 1)
+        following = self._assignment(self.round + 1)
         next_pieces = self.decomposition.pieces(following, self.group_index)
         if not self.tensors.live:
             self.tensors.write(values, state if carry else None)
@@ -309,6 +317,14 @@ class IST:
         fields = self._plan.fields if self._plan is not None else []
         return tuple(sorted({(f.name.rpartition(":")[2], f.scalar) for f in fields if f.source}))
 
+    def _assignment(self, round_: int) -> Assignment:
+        """The decomposition's assignment of ``round_`` (kept for the round ahead: the plan
+        and the sync both need it)."""
+        cached = getattr(self, "_assignment_cache", None)
+        if cached is None or cached.round != round_:
+            cached = self._assignment_cache = self.decomposition.assignment(round_)
+        return cached
+
     def _layouts(self, assignment: Assignment) -> dict[str, Layout]:
         d, S = self.decomposition, self.config.num_subnets
         return layouts(self.base_fields, [d.pieces(assignment, s) for s in range(S)])
@@ -318,7 +334,7 @@ class IST:
         start = time.perf_counter()
         with _gc_paused():
             fields = self._fields(state)
-            following = self._layouts(self.decomposition.assignment(self.round + 1))
+            following = self._layouts(self._assignment(self.round + 1))
             self._plan = build_plan(fields, self.layouts, following, self.group_index, self.config.num_subnets,
                                     self.round)
             self._plan.to(self.device)
@@ -360,6 +376,10 @@ class IST:
         """The agreement check (and, at a sync, the non-finite verdict on this subnet and,
         under ``carry``, its optimizer state); True if this group must drop its update of
         the round (policy ``skip``)."""
+        return self._start_check(phase, fields)()
+
+    def _start_check(self, phase: str, fields: list[FieldSpec] | None = None) -> Callable[[], bool]:
+        """:meth:`_check` posted; call the result to wait for the verdict."""
         ok = True
         if phase == "sync":
             values = list(self.tensors.tensors().values())
@@ -367,8 +387,8 @@ class IST:
                 values += [v for st in self.tensors.optimizer_state().values() for v in st.values()
                            if isinstance(v, torch.Tensor)]
             ok = all_finite(values)
-        groups = self.guard.check(self._agreement_fields(phase, fields), finite=ok)
-        return self.guard.verdict(groups, f"round {self.round} (step {self.steps})")
+        pending = self.guard.start(self._agreement_fields(phase, fields), finite=ok)
+        return lambda: self.guard.verdict(pending(), f"round {self.round} (step {self.steps})")
 
     def _take_snapshot(self) -> None:
         """Policy ``skip`` keeps the round's starting values (a subnet's worth of memory)."""

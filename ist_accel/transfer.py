@@ -527,11 +527,19 @@ def located_boxes(layout: Layout, S: int) -> tuple[bool, dict[int, list[tuple[st
 
 
 def read_box(source: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, out: torch.Tensor) -> None:
-    """``out[...] = source[rows][:, cols]`` (local indices; ``None``: the whole dim)."""
+    """``out[...] = source[rows][:, cols]`` (local indices; ``None``: the whole dim). Two
+    ``index_select`` passes: on the CPU a third of the time of one advanced-indexing gather."""
     if rows is not None and cols is not None:
-        out.copy_(source[rows[:, None], cols])
+        picked = source.index_select(0, rows)
+        if out.dtype == source.dtype and out.is_contiguous():
+            torch.index_select(picked, 1, cols, out=out)
+        else:
+            out.copy_(picked.index_select(1, cols))
     elif rows is not None:
-        out.copy_(source.index_select(0, rows))
+        if out.dtype == source.dtype and out.is_contiguous():
+            torch.index_select(source, 0, rows, out=out)
+        else:
+            out.copy_(source.index_select(0, rows))
     elif cols is not None:
         out.copy_(source.index_select(1, cols))
     else:
@@ -539,10 +547,18 @@ def read_box(source: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor
 
 
 def write_box(target: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, value: torch.Tensor) -> None:
-    """``target[rows][:, cols] = value`` in place (local indices; ``None``: the whole dim)."""
+    """``target[rows][:, cols] = value`` in place (local indices; ``None``: the whole dim).
+    A box of a contiguous tensor is written as one ``index_copy_`` of its (row, column)
+    positions, computed here (half the time of advanced indexing), not kept in the plan."""
     value = value.to(target.dtype)
     if rows is not None and cols is not None:
-        target[rows[:, None], cols] = value
+        if target.is_contiguous():
+            n1 = target.shape[1]
+            flat = target.view(target.shape[0] * n1, -1)
+            where = (rows[:, None] * n1 + cols[None, :]).reshape(-1)
+            flat.index_copy_(0, where, value.reshape(where.numel(), -1))
+        else:
+            target[rows[:, None], cols] = value
     elif rows is not None:
         target.index_copy_(0, rows, value)
     elif cols is not None:

@@ -99,13 +99,19 @@ class Transport:
         """Every rank's ``tensor`` (small, same shape everywhere), stacked by rank. Sent
         point to point to every other rank: on few ranks that is one message latency,
         where a small all-reduce chains 2 (N-1) of them."""
+        out, works = self.start_small(tensor, kind)
+        for work in works:
+            work.wait()
+        return out
+
+    def start_small(self, tensor: torch.Tensor, kind: str) -> tuple[torch.Tensor, list]:
+        """:meth:`exchange_small` posted: the output (complete once the works have waited)."""
         world, rank = dist.get_world_size(), dist.get_rank()
         out = torch.empty((world, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
         out[rank].copy_(tensor)
-        if world > 1:
-            self.point_to_point({r: tensor for r in range(world) if r != rank},
-                                {r: out[r] for r in range(world) if r != rank}, kind)
-        return out
+        works = self.start({r: tensor for r in range(world) if r != rank},
+                           {r: out[r] for r in range(world) if r != rank}, kind) if world > 1 else []
+        return out, works
 
     def start(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], kind: str) -> list:
         """Post a batch of messages (as :meth:`point_to_point`) and return their works."""
