@@ -214,7 +214,7 @@ class ISTAccelerator(Accelerator):
         rest = [a for a in args if a is not model and a is not user_optimizer]
         for obj in rest:
             if _is_scheduler(obj) and getattr(obj, "optimizer", None) is user_optimizer and self.ist is not None:
-                _retarget_scheduler(obj, self.ist.optimizer)
+                retarget_scheduler(obj, self.ist.optimizer)
         prepared = super().prepare(*rest) if rest else ()
         prepared = iter(prepared if len(rest) != 1 else (prepared,))
         result = tuple(ist_model if a is model else optimizer if a is user_optimizer else next(prepared) for a in args)
@@ -240,7 +240,7 @@ class ISTAccelerator(Accelerator):
         rest = [a for a in args if a is not model and a is not user_optimizer]
         for obj in rest:
             if _is_scheduler(obj) and getattr(obj, "optimizer", None) is user_optimizer:
-                _retarget_scheduler(obj, self.ist.optimizer)
+                retarget_scheduler(obj, self.ist.optimizer)
         with _deepspeed_in_groups(topology, self.ist_config.group_size):
             engine, optimizer, *prepared = super().prepare(self.ist.subnet, self.ist.optimizer, *rest)
         self.zero_engine = engine
@@ -290,7 +290,7 @@ class ISTAccelerator(Accelerator):
         accelerated.optimizer = self.ist.optimizer
         for scheduler in self._schedulers:
             if getattr(scheduler.scheduler, "optimizer", None) is user_optimizer:
-                _retarget_scheduler(scheduler.scheduler, self.ist.optimizer)
+                retarget_scheduler(scheduler.scheduler, self.ist.optimizer)
         logger.info("IST: warm-up done, switched to %d subnets", self.ist_config.num_subnets)
 
     def _start_ist(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> None:
@@ -657,7 +657,7 @@ def _is_scheduler(obj: Any) -> bool:
     return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
 
 
-def _retarget_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+def retarget_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
     """Point a scheduler (and those it chains) at the subnet's optimizer, whose param
     groups mirror the user's one for one, and keep torch's check that ``step()`` ran."""
     for s in (scheduler, *getattr(scheduler, "_schedulers", ())):

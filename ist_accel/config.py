@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 DECOMPOSITIONS = ("auto", "resist", "ist_mlp", "layers", "ffn", "heads")
@@ -63,7 +63,6 @@ class ISTConfig:
     wire_dtype: str = "fp32"
     nonfinite: str = "raise"
     sync_timeout: float = 600.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()

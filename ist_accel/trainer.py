@@ -29,7 +29,7 @@ import torch
 import transformers
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
-from .accelerate import RANK_STATE, ISTAccelerator, ISTModel, _retarget_scheduler
+from .accelerate import RANK_STATE, ISTAccelerator, ISTModel, retarget_scheduler
 from .config import ISTConfig
 from .tracking import round_log
 from .lifecycle import exit_with_parent
@@ -108,7 +108,7 @@ class ISTTrainerMixin:
             self.model = self.accelerator.ist_model
         if ist is not None and self.lr_scheduler is not None and self.lr_scheduler.optimizer is not ist.optimizer:
             # under DeepSpeed the scheduler was built on the global optimizer before prepare()
-            _retarget_scheduler(self.lr_scheduler, ist.optimizer)
+            retarget_scheduler(self.lr_scheduler, ist.optimizer)
         return super().create_scheduler(num_training_steps, optimizer)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ist_accel.decompose import MLPDecomposition, ResidualDecomposition, load_subnet, state_tensors

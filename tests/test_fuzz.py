@@ -4,7 +4,6 @@ before any process group or file exists; every valid one passes. The oracle belo
 specification, written independently of the code it checks."""
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 

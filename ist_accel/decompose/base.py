@@ -36,10 +36,6 @@ class Assignment:
     def num_subnets(self) -> int:
         return len(self.units)
 
-    def holders(self, group: str, unit: int) -> tuple[int, ...]:
-        """The subnets that hold ``unit`` of ``group`` this round."""
-        return tuple(s for s, u in enumerate(self.units) if unit in u[group])
-
     def digest(self) -> str:
         """A stable hash, so ranks can confirm they derived the same assignment."""
         blob = repr([(g, u[g]) for u in self.units for g in sorted(u)]).encode()
@@ -73,7 +69,7 @@ class Piece:
         if self.index is None:
             target.add_(value)
             return
-        target.index_put_(self._grid(target), value, accumulate=True)
+        target.index_put_(self.grid(target), value, accumulate=True)
 
     def numel(self, global_shape: torch.Size) -> int:
         n = 1
@@ -82,27 +78,7 @@ class Piece:
             n *= size if idx is None else len(idx)
         return n
 
-    def positions(self, shape: torch.Size) -> torch.Tensor:
-        """Global-shaped map: the flat position of each element in this piece, -1 where the
-        piece does not hold it (broadcast per dim; no index grids)."""
-        ranks = []
-        for dim, size in enumerate(shape):
-            idx = self.index[dim] if self.index is not None and dim < len(self.index) else None
-            r = torch.arange(size) if idx is None else torch.full((size,), -1, dtype=torch.int64)
-            if idx is not None:
-                r[idx] = torch.arange(len(idx))
-            ranks.append(r)
-        pos = torch.zeros((), dtype=torch.int64)
-        held = torch.ones((), dtype=torch.bool)
-        for dim, r in enumerate(ranks):
-            view = [1] * len(shape)
-            view[dim] = -1
-            width = int((r >= 0).sum())
-            pos = pos * width + r.view(view)
-            held = held & (r.view(view) >= 0)
-        return torch.where(held, pos, -1).expand(shape) if len(shape) else pos.clone()
-
-    def _grid(self, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def grid(self, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
         axes = []
         for dim, size in enumerate(target.shape):
             idx = self.index[dim] if dim < len(self.index) else None
@@ -208,9 +184,6 @@ class Decomposition(ABC):
         names = {n for n, _ in self.model.named_parameters()} if params_only else set(shapes)
         pieces = self.pieces(self.assignment(0), subnet)
         return sum(p.numel(shapes[p.global_name]) for p in pieces if p.global_name in names)
-
-    def describe(self) -> str:
-        return f"{type(self).__name__}(S={self.num_subnets}, groups={self.groups})"
 
     model: nn.Module
 

@@ -16,8 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .base import (Assignment, Decomposition, Piece, Scaling, check_num_subnets, evaluation_view, scaling_hooks,
-                   state_tensors)
+from .base import Assignment, Decomposition, Piece, Scaling, check_num_subnets, evaluation_view, scaling_hooks
 from .sampling import split_assignment
 from .trace import default_example_input, get_module, set_module, trace_model
 

@@ -111,7 +111,7 @@ def _residual_branch(trace: Trace, block: nn.Module, name: str) -> str | None:
     return None
 
 
-_RANGE = re.compile(r"^(?P<path>[\w.]+?)(?::(?P<a>\d+)(?:-(?P<b>\d+))?)?$")
+STAGE_SPEC = re.compile(r"^(?P<path>[\w.]+?)(?::(?P<a>\d+)(?:-(?P<b>\d+))?)?$")
 
 
 def select_stages(
@@ -140,7 +140,7 @@ def select_stages(
         return first_excluded
     chosen = []
     for spec in (p.strip() for p in stages.split(",") if p.strip()):
-        m = _RANGE.match(spec)
+        m = STAGE_SPEC.match(spec)
         if not m:
             raise ValueError(f"bad stage spec {spec!r}: expected 'path' or 'path:first-last' (e.g. 'layer3:1-22')")
         path = m["path"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .residual import ResidualDecomposition, ResidualStage, _RANGE
+from .residual import ResidualDecomposition, ResidualStage, STAGE_SPEC
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "down_proj", "fc2", "o", "wo", "dense_4h_to_h")
@@ -88,7 +88,7 @@ def select_layer_stages(stacks: list[ResidualStage], stages: str) -> list[Residu
         return [[s for s in usable if s.num_blocks == longest][-1]]
     chosen = []
     for spec in (p.strip() for p in stages.split(",") if p.strip()):
-        m = _RANGE.match(spec)
+        m = STAGE_SPEC.match(spec)
         stack = next((s for s in stacks if m and s.path == m["path"]), None)
         if stack is None:
             raise ValueError(f"bad stage {spec!r}: layer lists are {[f'{s.path}:0-{s.stop - 1}' for s in stacks]}")

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import (Assignment, Decomposition, Piece, Scaling, check_num_subnets, evaluation_view, scaling_hooks,
-                   state_tensors)
+from .base import Assignment, Decomposition, Piece, Scaling, check_num_subnets, evaluation_view, scaling_hooks
 from .sampling import split_assignment
 from .trace import get_module, set_module
 from .transformer import find_layer_stacks

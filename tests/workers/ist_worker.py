@@ -9,7 +9,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch import nn
+
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import batch_for, eval_items, make_model, loss_fn, score  # noqa: E402
