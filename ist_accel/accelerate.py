@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, save
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -49,6 +49,8 @@ from .config import ISTConfig
 from .faults import inject, peer_failures, record_failure
 from .lifecycle import apply_sync_timeout, exit_with_parent
 from .decompose import state_tensors
+from .init import is_meta
+from .sharded import collect_shards, save_sharded
 from .round import IST, RoundMetrics
 from .tracking import assignment_image, round_log
 
@@ -186,7 +188,6 @@ class ISTAccelerator(Accelerator):
         self.ist_model: ISTModel | None = None
         self.zero_engine: Any = None  # the group's DeepSpeed engine, under DeepSpeed
         self._pending: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None  # (model, optimizer, wrapped) in warm-up
-        self._checkpoint_weights: dict[str, torch.Tensor] | None = None  # raw global weights while save_state runs
         self._round_logs: list[tuple[dict[str, float], Any]] = []  # IST's round metrics, out with the user's next log
         self._user_logged, self._user_step = False, None
 
@@ -222,8 +223,11 @@ class ISTAccelerator(Accelerator):
         return result if len(result) > 1 else result[0]
 
     def _prepare_ist(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> tuple[ISTModel, Any]:
-        model.to(self.device)
-        ist_model = self.prepare_model(ISTModel(None, model), evaluation_mode=True)  # autocast, placement
+        meta = is_meta(model)  # built on the meta device: it stays there, a rank materializes only its pieces
+        if not meta:
+            model.to(self.device)
+        placeholder = nn.Module() if meta else model  # replaced by the subnet right below
+        ist_model = self.prepare_model(ISTModel(None, placeholder), evaluation_mode=True)  # autocast, placement
         self.ist_model = ist_model
         self._start_ist(model, user_optimizer)
         return ist_model, self.prepare_optimizer(self.ist.optimizer)
@@ -233,7 +237,8 @@ class ISTAccelerator(Accelerator):
         mirrored optimizer, with ZeRO's data-parallel world = the group (``mpu``)."""
         from .zero import ZeroSubnet
 
-        model.to(self.device)
+        if not is_meta(model):
+            model.to(self.device)
         self.ist_model = ISTModel(None, model)
         self._start_ist(model, user_optimizer)
         topology = self.ist.topology.for_deepspeed()
@@ -261,6 +266,9 @@ class ISTAccelerator(Accelerator):
 
     def _prepare_warmup(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> tuple[ISTModel, Any]:
         """Whole model, DDP over all ranks, the user's own optimizer, until the switch."""
+        if is_meta(model):
+            raise ValueError("dense_warmup_steps trains the whole model on every rank: build it on a real device, not "
+                             "on meta (or warm up without IST first)")
         model.to(self.device)
         trained: nn.Module = model
         if self.num_processes > 1:
@@ -295,7 +303,8 @@ class ISTAccelerator(Accelerator):
 
     def _start_ist(self, model: nn.Module, user_optimizer: torch.optim.Optimizer) -> None:
         model_params = sum(p.numel() for p in model.parameters())
-        self.ist = IST(model, user_optimizer, self.ist_config, example_input=self.example_input, reduce_gradients=False)
+        self.ist = IST(model, user_optimizer, self.ist_config, example_input=self.example_input, reduce_gradients=False,
+                       device=self.device)
         trained: nn.Module = self.ist.model
         if self.ist.intra is not None and self.distributed_type != DistributedType.DEEPSPEED:  # DDP in the group
             kwargs = self.ddp_handler.to_kwargs() if self.ddp_handler is not None else {}
@@ -333,20 +342,25 @@ class ISTAccelerator(Accelerator):
         values as they are (what ``save_state`` checkpoints, so a resume is exact)."""
         if not isinstance(model, ISTModel):
             return super().get_state_dict(model, unwrap=unwrap)
-        if self._checkpoint_weights is not None:  # inside save_state: gathered once, raw
-            return self._checkpoint_weights
         if self.ist is None:  # warm-up: the whole model is here, trained as it is evaluated
             return self._pending[0].state_dict()
         every_node = self.project_configuration.save_on_each_node
-        gathered = self._engine().gather_global(dst=None if every_node else 0)
-        state = gathered.state_dict() if gathered is not None else {}
-        if self.ist.free_global:
-            self.ist.release_global()  # the returned tensors keep their own storage
+        state = self._engine().gather_state(dst=None if every_node else 0) or {}
         if state and not raw:
             state = self.ist.decomposition.export_state(state)
         return state
 
     # ---- checkpoints ---------------------------------------------------------------
+
+    def save_model(self, model: nn.Module, save_directory: str | os.PathLike, max_shard_size: int | str = "10GB",
+                   safe_serialization: bool = True) -> None:
+        """For the IST model: the global model with its evaluation view folded in, written
+        in ``safetensors`` shards by the subnet groups' leaders plus a Hugging Face index
+        (:mod:`ist_accel.sharded`), never put together on one rank. Every rank calls it."""
+        if not isinstance(model, ISTModel) or self.ist is None:
+            return super().save_model(model, save_directory, max_shard_size=max_shard_size,
+                                      safe_serialization=safe_serialization)
+        save_sharded(self.ist, save_directory, export=True)
 
     def save_state(self, output_dir: str | None = None, safe_serialization: bool = True, **kwargs: Any) -> str:
         """Accelerate's checkpoint (the gathered global model, schedulers, samplers, RNG
@@ -376,17 +390,15 @@ class ISTAccelerator(Accelerator):
         else:
             step, info = self.ist.steps, {"phase": "ist", "round": self.ist.round}
             rank_state = self.ist.state_dict()
-        self._checkpoint_weights = self.get_state_dict(self.ist_model, raw=True)  # raw: the resume is exact
+        # the global model, raw (the resume is exact), in shards its groups' leaders write
+        shards = collect_shards(self.ist, export=False) if self.ist is not None else None
         automatic = self.project_configuration.automatic_checkpoint_naming
         self.project_configuration.automatic_checkpoint_naming = False  # the folder is ours to name
         try:
-            with self._hidden(models=self.zero_engine is not None, optimizers=True):
+            with self._hidden(models=shards is not None, optimizers=True):
                 super().save_state(str(partial), safe_serialization, **kwargs)
-            if self.zero_engine is not None:  # Accelerate would save the group's engine; the run's model is global
-                name = "model.safetensors" if safe_serialization else "pytorch_model.bin"
-                save(self._checkpoint_weights, partial / name,
-                     save_on_each_node=self.project_configuration.save_on_each_node,
-                     safe_serialization=safe_serialization)
+            if shards is not None:
+                shards.write(partial)
             if rank_state is None:
                 if self.is_main_process:
                     (partial / WARMUP_STATE).write_text(json.dumps({"warmup_steps_done": self._warmup_done}))
@@ -397,7 +409,6 @@ class ISTAccelerator(Accelerator):
             failure = error
         finally:
             self.project_configuration.automatic_checkpoint_naming = automatic
-            self._checkpoint_weights = None
         self._agree_saved(failure, partial, final)
         if self.is_main_process:
             try:

@@ -18,6 +18,7 @@ DECOMPOSITIONS = ("auto", "resist", "ist_mlp", "layers", "ffn", "heads")
 OPTIMIZER_STATE_POLICIES = ("reset", "carry")
 WIRE_DTYPES = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("raise", "skip")
+GLOBAL_VIEWS = ("auto", "gather", "stream")
 
 
 @dataclass
@@ -49,6 +50,10 @@ class ISTConfig:
         sync_timeout: seconds a collective may wait for a peer before the run fails
             (every process group: the engine's, and under ISTAccelerator / ISTTrainer the
             default one, however it was created).
+        global_view: how evaluation reads the global model: ``"gather"`` (whole, on every
+            rank), ``"stream"`` (one module at a time, gathered around its forward: no rank
+            ever holds the whole model) or ``"auto"`` (stream when the model was built on
+            the meta device).
     """
 
     num_subnets: int = 2
@@ -63,6 +68,7 @@ class ISTConfig:
     wire_dtype: str = "fp32"
     nonfinite: str = "raise"
     sync_timeout: float = 600.0
+    global_view: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +84,7 @@ class ISTConfig:
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
         _check_choice("wire_dtype", self.wire_dtype, WIRE_DTYPES)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _check_choice("global_view", self.global_view, GLOBAL_VIEWS)
         if isinstance(self.sync_timeout, bool) or not isinstance(self.sync_timeout, (int, float)) \
                 or not math.isfinite(self.sync_timeout) or not self.sync_timeout > 0:
             raise ValueError(f"sync_timeout must be a finite number of seconds > 0, got {self.sync_timeout!r}")

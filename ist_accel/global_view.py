@@ -12,14 +12,22 @@ a sync would average them. So a gather moves, per group, only what that group ho
 
 Between two syncs this is exactly the model a sync now would produce; at a round end it
 is the averaged global model (IST Alg. 1's evaluation of the global network).
+
+:meth:`GlobalView.streamed` never builds the whole model: each module that owns tensors is
+gathered just before its forward and dropped after it (as FSDP and ZeRO-3 do), so a rank
+holds at most one module of the global model at a time. Every rank must run the same
+forwards (an evaluation loop over evenly sharded data does). At a round end a module whose
+tensors are all shared is read straight from this rank's subnet: nothing moves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from .topology import Topology
 from .transfer import FieldSpec, Layout, local_index, located_boxes, owner_rows, read_box, write_box
@@ -183,4 +191,84 @@ class GlobalView:
         return True
 
 
-__all__ = ["Contribution", "GatherPlan", "GlobalView", "Part"]
+class _Streamer:
+    """Forward hooks that materialize one module of the global model at a time."""
+
+    def __init__(self, view: GlobalView, model: nn.Module, fields: Sequence[FieldSpec],
+                 layouts: Mapping[str, Layout], current: Mapping[int, torch.Tensor],
+                 owners: Mapping[str, torch.Tensor], shared_local: bool) -> None:
+        self.view, self.model, self.fields, self.layouts = view, model, list(fields), layouts
+        self.current, self.owners, self.shared_local = current, owners, shared_local
+        index = {f.name: i for i, f in enumerate(self.fields)}
+        names: dict[int, str] = {}
+        for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+            names.setdefault(id(t), n)  # a tied tensor is known by its first name
+        self.slots: dict[str, list[tuple[dict, str, int]]] = {}
+        for path, module in model.named_modules():
+            entries = []
+            for store in (module._parameters, module._buffers):
+                for attr, t in store.items():
+                    if t is not None and names.get(id(t)) in index:
+                        entries.append((store, attr, index[names[id(t)]]))
+            if entries:
+                self.slots[path] = entries
+        self.plans: dict[str, GatherPlan] = {}
+        self.saved: dict[str, list] = {}
+        self.moved = 0  # bytes of modules gathered (not read locally)
+
+    def before(self, path: str) -> None:
+        entries = self.slots[path]
+        picked = sorted({i for _, _, i in entries})
+        fields = [self.fields[i] for i in picked]
+        layouts = {f.param: self.layouts[f.param] for f in fields}
+        local = self.shared_local and all(layouts[f.param].whole and len(layouts[f.param].holders) == self.view.topology.S
+                                          for f in fields)
+        if local:  # every group holds these whole, and at a round end they agree: this rank's copy
+            values = {i: self.current[i] for i in picked}
+        else:
+            plan = self.plans.get(path)
+            if plan is None:
+                plan = self.plans[path] = GatherPlan(fields, layouts, self.view.topology.S)
+            out = {k: torch.empty(f.shape, dtype=f.dtype, device=self.view.device) for k, f in enumerate(fields)}
+            current = {k: self.current[i] for k, i in enumerate(picked) if i in self.current}
+            self.view.gather(plan, current, self.owners, out, dst=None)
+            values = {i: out[k] for k, i in enumerate(picked)}
+            self.moved += sum(t.numel() * t.element_size() for t in out.values())
+        self.saved[path] = [(store, attr, store[attr]) for store, attr, _ in entries]
+        for store, attr, i in entries:
+            store[attr] = values[i]
+
+    def after(self, path: str) -> None:
+        for store, attr, original in self.saved.pop(path, []):
+            store[attr] = original
+
+    def install(self) -> list:
+        handles = []
+        for path in self.slots:
+            module = self.model.get_submodule(path)
+            handles.append(module.register_forward_pre_hook(lambda m, a, p=path: self.before(p)))
+            handles.append(module.register_forward_hook(lambda m, a, o, p=path: self.after(p)))
+        return handles
+
+
+def streamed(view: GlobalView, model: nn.Module, fields: Sequence[FieldSpec], layouts: Mapping[str, Layout],
+             current: Mapping[int, torch.Tensor], owners: Mapping[str, torch.Tensor], shared_local: bool
+             ) -> contextlib.AbstractContextManager[nn.Module]:
+    """``model`` whose modules are gathered one at a time around their forwards (module docstring)."""
+
+    @contextlib.contextmanager
+    def context() -> Iterator[nn.Module]:
+        streamer = _Streamer(view, model, fields, layouts, current, owners, shared_local)
+        handles = streamer.install()
+        try:
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+            for path in list(streamer.saved):
+                streamer.after(path)
+
+    return context()
+
+
+__all__ = ["Contribution", "GatherPlan", "GlobalView", "Part", "streamed"]

@@ -29,16 +29,17 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ISTConfig
-from .decompose import Assignment, keep_frozen, load_subnet, state_tensors
+from .decompose import Assignment, keep_frozen, state_tensors
 from .exchange import Exchange, Timings
 from .faults import ISTError, ISTSyncError, inject, peer_failures
-from .global_view import GlobalView
+from .global_view import GlobalView, streamed
 from .guard import PHASES, RoundGuard, all_finite, clone_state
 from .lifecycle import apply_sync_timeout, exit_with_parent
 from .preflight import check_setup
 from .subnet import SubnetTensors
 from .topology import Topology
-from .transfer import FieldSpec, Layout, TransferPlan, build_plan, layouts
+from .init import InitialValues, MetaInit, ModelValues, is_meta
+from .transfer import FieldSpec, Layout, TransferPlan, build_plan, layouts, located_boxes, owner_rows
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class IST:
         example_input: torch.Tensor | None = None,
         free_global: bool = True,
         reduce_gradients: bool = True,
+        initial_values: InitialValues | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         config.validate()
         if not dist.is_available() or not dist.is_initialized():
@@ -124,23 +127,30 @@ class IST:
         self.rank, self.group_index, self.replica, self.is_leader = top.rank, top.group_index, top.replica, top.is_leader
         self.intra = top.intra
         self.model_global = model
+        self.meta = is_meta(model)  # built on the meta device: no rank ever holds it whole
+        if initial_values is None:
+            initial_values = MetaInit(model, config.seed) if self.meta else ModelValues(model)
+        self.initial_values = initial_values
         self.global_shapes = {n: (t.shape, t.dtype) for n, t in state_tensors(model).items()}
         self.frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         self._model_hash = _digest(sorted((n, tuple(sh), str(dt)) for n, (sh, dt) in self.global_shapes.items()))
-        device = next(model.parameters()).device
-        self.guard = RoundGuard(self.transport, config.num_subnets, top.group_index, top.rank, config.nonfinite, device)
+        if device is None:
+            device = next(model.parameters()).device
+            if device.type == "meta":
+                device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.guard = RoundGuard(self.transport, config.num_subnets, top.group_index, top.rank, config.nonfinite,
+                                self.device)
         self.steps = self.round = self.round_steps = 0
         self.assignment = self.decomposition.assignment(0)
         self._check("set-up")  # another model or config on some rank: ISTAgreementError, never a gloo abort
-        self._broadcast_global(model)
+        self._agree_on_initial_values(model)
         self.base_fields = [FieldSpec(n, sh, dt, frozen=n in self.frozen) for n, (sh, dt) in self.global_shapes.items()]
         self.layouts = self._layouts(self.assignment)
         self.subnet = self.decomposition.build_subnet(self.group_index)
         self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
-        load_subnet(self.subnet, state_tensors(model), self.pieces)
+        self._fill_subnet()
         keep_frozen(self.subnet, self.frozen, self.pieces)
-        self.device = next(self.subnet.parameters()).device
-        self.guard.device = self.device
         self.exchange = Exchange(top, self.transport, wire_dtype=config.wire_dtype, device=self.device)
         self.global_view = GlobalView(top, self.transport, self.device)
         self.optimizer = self._make_optimizer(optimizer)
@@ -154,7 +164,9 @@ class IST:
         self._plan: TransferPlan | None = None
         self._plan_seconds = self._prepare_plan({})
         self._flatten_shared()
-        self._init_owner_shards(model)
+        self._init_owner_shards()
+        if isinstance(self.initial_values, MetaInit):
+            self.initial_values.release()
         self._warned_round = -1
         self._ledger_at_sync = self.transport.ledger.copy()
         self._take_snapshot()
@@ -405,44 +417,86 @@ class IST:
 
     # ---- the global model ---------------------------------------------------------
 
-    def gather_global(self, dst: int | None = 0) -> nn.Module | None:
-        """The global model on rank ``dst`` (``None``: every rank), a collective. At a round
-        end it is the averaged global model; between syncs, the model a sync now would
-        average (the round goes on unchanged)."""
+    def _read_current(self) -> tuple[Any, dict[int, torch.Tensor]]:
+        """Before any read of the global model: the agreement check, a warning mid-round,
+        and this group's current tensor of each field (the replicas' statistics averaged)."""
+        self._check("read")
+        if self.round_steps and self._warned_round != self.round:
+            self._warned_round = self.round
+            logger.warning("IST: the global model is read %d steps into round %d (step %d): it is the average a "
+                           "sync now would produce; the round goes on", self.round_steps, self.round, self.steps)
+        plan = self.global_view.plan(self.round, self.base_fields, self.layouts)
+        values = self.tensors.tensors()
+        if self.intra is not None and self.round_steps:  # the group's replicas differ in their statistics
+            values = {**values, **self._buffers_averaged_in_group(values)}
+        current = {}
+        for i, f in enumerate(plan.fields):
+            name = self.layouts[f.param].subnet_names.get(self.group_index)
+            if name is not None:
+                current[i] = values[name]
+        return plan, current
+
+    def gather_state(self, dst: int | None = 0) -> dict[str, torch.Tensor] | None:
+        """The global model's tensors (parameters and float buffers, fresh copies) on rank
+        ``dst`` (``None``: every rank), a collective; None on the other ranks. At a round end
+        the averaged global model; between syncs, what a sync now would average."""
         with self._communication(f"gathering the global model at step {self.steps}"):
-            self._check("read")
-            if self.round_steps and self._warned_round != self.round:
-                self._warned_round = self.round
-                logger.warning("IST: the global model is read %d steps into round %d (step %d): it is the average a "
-                               "sync now would produce; the round goes on", self.round_steps, self.round, self.steps)
-            plan = self.global_view.plan(self.round, self.base_fields, self.layouts)
-            plan_fields = plan.fields
-            values = self.tensors.tensors()
-            if self.intra is not None and self.round_steps:  # the group's replicas differ in their statistics
-                values = {**values, **self._buffers_averaged_in_group(values)}
-            current = {}
-            for i, f in enumerate(plan_fields):
-                name = self.layouts[f.param].subnet_names.get(self.group_index)
-                if name is not None:
-                    current[i] = values[name]
-            live = state_tensors(self.model_global)
-            out = {}
-            for i, f in enumerate(plan_fields):
-                tensor = live[f.name]
-                if tensor.numel() != f.numel:
-                    tensor.data = torch.empty(f.shape, dtype=f.dtype, device=self.device)
-                out[i] = tensor.detach()
+            plan, current = self._read_current()
+            out = {i: torch.empty(f.shape, dtype=f.dtype, device=self.device) for i, f in enumerate(plan.fields)}
             received = self.global_view.gather(plan, current, self.exchange.owners.values, out, dst)
         if not received:
+            return None
+        state = {f.name: out[i] for i, f in enumerate(plan.fields)}
+        for name, b in self.model_global.named_buffers():  # integer buffers stay as the global model has them
+            if not b.is_floating_point():
+                state[name] = torch.zeros(b.shape, dtype=b.dtype) if b.is_meta else b.detach().clone()
+        first: dict[int, str] = {}
+        for name, p in self.model_global.named_parameters(remove_duplicate=False):  # tied names share the value
+            first.setdefault(id(p), name)
+            if name not in state and first[id(p)] in state:
+                state[name] = state[first[id(p)]]
+        return {name: state[name] for name in self.model_global.state_dict() if name in state} | state
+
+    def gather_global(self, dst: int | None = 0) -> nn.Module | None:
+        """The global model itself, filled with :meth:`gather_state` on rank ``dst`` (``None``:
+        every rank), a collective. Not for a model built on the meta device (no rank holds
+        it whole): use :meth:`eval_global` (streamed) or a sharded save."""
+        if self.meta:
+            raise RuntimeError("the global model was built on the meta device, so it is never put together on one "
+                               "rank: evaluate with eval_global()/evaluate() (streamed), save with save_sharded()")
+        state = self.gather_state(dst)
+        if state is None:
             if self.free_global:
                 self.release_global()
             return None
+        live = state_tensors(self.model_global)
+        with torch.no_grad():
+            for name, value in state.items():
+                if name in live:  # (integer buffers and tied names are left as they are)
+                    live[name].data = value
         return self.model_global
+
+    @property
+    def streams(self) -> bool:
+        """Whether reads of the global model for evaluation are streamed (one module at a
+        time; ``ISTConfig.global_view``, ``"auto"``: when the model was built on meta)."""
+        mode = self.config.global_view
+        return mode == "stream" or (mode == "auto" and self.meta)
 
     @contextlib.contextmanager
     def eval_global(self, dst: int | None = None) -> Iterator[nn.Module | None]:
-        """The gathered global model in its evaluation view (all units, eval scaling);
-        its storage is dropped again on exit when the engine was built with ``free_global``."""
+        """The global model in its evaluation view (all units, eval scaling). Streamed
+        (:attr:`streams`): every module is gathered just before its forward and dropped
+        after, so every rank must run the same forwards; else gathered whole, and its storage
+        dropped again on exit when the engine was built with ``free_global``."""
+        if self.streams and dst is None:
+            with self._communication(f"reading the global model at step {self.steps}"):
+                plan, current = self._read_current()
+            with streamed(self.global_view, self.model_global, plan.fields, self.layouts, current,
+                          self.exchange.owners.values, shared_local=self.round_steps == 0) as model, \
+                    self.decomposition.eval_view(model) as view:
+                yield view
+            return
         model = self.gather_global(dst)
         try:
             if model is None:
@@ -462,25 +516,34 @@ class IST:
     ) -> float:
         """Score the global model on ``dataset`` sharded over all ranks: rank ``r`` scores
         items ``r, r + N, ...``; the sums are all-reduced. ``score(model, batch)`` returns
-        (sum of the metric, number of items); default: top-1 accuracy of ``(x, y)`` batches."""
+        (sum of the metric, number of items); default: top-1 accuracy of ``(x, y)`` batches.
+        Every rank runs the same number of batches (a rank short of items repeats its last
+        batch, not counted), as a streamed model needs."""
         score = score or _accuracy_counts
         world = dist.get_world_size()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         shard = torch.utils.data.Subset(dataset, range(self.rank, len(dataset), world))
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size)
+        batches = -(-(-(-len(dataset) // world)) // batch_size)  # of the largest shard
         with self.eval_global(dst=None) as model, torch.no_grad():
+            last = None
             for batch in loader:
                 value, count = score(model, _to_device(batch, self.device))
                 totals += torch.tensor([value, count], dtype=torch.float64, device=self.device)
+                batches, last = batches - 1, batch
+            for _ in range(batches if last is not None else 0):  # keep in step with the ranks that have more
+                score(model, _to_device(last, self.device))
         with self._communication("evaluating"):
             self.transport.all_reduce(totals, "eval")
         return float(totals[0] / totals[1].clamp_min(1))
 
     def release_global(self) -> None:
-        """Drop the global model's storage (it is gathered again on demand)."""
+        """Drop the global model's storage (it is gathered again on demand). A meta-device
+        model holds none."""
         with torch.no_grad():
             for t in state_tensors(self.model_global).values():
-                t.data = torch.empty(0, dtype=t.dtype)
+                if not t.is_meta:
+                    t.data = torch.empty(0, dtype=t.dtype)
 
     # ---- memory -------------------------------------------------------------------
 
@@ -489,7 +552,7 @@ class IST:
         buffers, owner shards and whatever remains of the global model."""
         n = self.tensors.resident_elements()
         n += self.exchange.owners.numel()
-        n += sum(t.numel() for t in state_tensors(self.model_global).values())
+        n += sum(t.numel() for t in state_tensors(self.model_global).values() if not t.is_meta)
         return n
 
     def resident_bytes(self) -> dict[str, int]:
@@ -508,7 +571,8 @@ class IST:
             "buffers": self.exchange.nbytes(),
             "plans": self._plan.nbytes() if self._plan is not None else 0,
             "snapshot": snapshot,
-            "global_model": sum(t.numel() * t.element_size() for t in state_tensors(self.model_global).values()),
+            "global_model": sum(t.numel() * t.element_size() for t in state_tensors(self.model_global).values()
+                                if not t.is_meta),
         }
 
     # ---- checkpoints -------------------------------------------------------------
@@ -625,7 +689,16 @@ class IST:
         defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}  # AdamW keeps extra keys
         return type(optimizer)(groups, **defaults)
 
-    def _broadcast_global(self, model: nn.Module) -> None:
+    def _agree_on_initial_values(self, model: nn.Module) -> None:
+        """Every rank must start from the same global model. A real model: its checksum is
+        compared; only if ranks differ are rank 0's values sent (the whole model, once).
+        Meta or checkpoint sources give every rank the same values by construction."""
+        names = list(self.global_shapes)
+        digest = torch.tensor([self.initial_values.digest(names)], dtype=torch.int64, device=self.device)
+        every = self.transport.exchange_small(digest, "setup")
+        if bool((every == every[0]).all()):
+            return
+        logger.warning("IST: the ranks' initial models differ (seed them alike to save this); rank 0's values are sent")
         tensors = list(state_tensors(model).values())
         flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
         self.transport.broadcast(flat, 0, "setup")
@@ -635,11 +708,24 @@ class IST:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
-    def _init_owner_shards(self, model: nn.Module) -> None:
-        """This group's owner rows of every tensor with elements nobody holds in round 0."""
-        from .transfer import located_boxes, owner_rows
+    def _fill_subnet(self) -> None:
+        """This rank's subnet of round 0, from the initial values (allocated here when the
+        global model is on the meta device)."""
+        if is_meta(self.subnet):
+            self.subnet.to_empty(device=self.device)
+            for module in self.subnet.modules():  # integer buffers (BatchNorm's num_batches_tracked)
+                for attr, b in module._buffers.items():
+                    if b is not None and not b.is_floating_point():
+                        b.zero_()
+        else:
+            self.subnet.to(self.device)
+        local = state_tensors(self.subnet)
+        with torch.no_grad():
+            for piece in self.pieces:
+                local[piece.subnet_name].copy_(self.initial_values.piece(piece))
 
-        tensors = state_tensors(model)
+    def _init_owner_shards(self) -> None:
+        """This group's owner rows of every tensor with elements nobody holds in round 0."""
         S = self.config.num_subnets
         for f in self.base_fields:
             layout = self.layouts[f.name]
@@ -647,8 +733,10 @@ class IST:
                 continue
             has_owner, _ = located_boxes(layout, S)
             if has_owner:
-                self.exchange.owners.ensure(f.name, owner_rows(f.shape[0], S, self.group_index), f.shape, f.dtype,
-                                            init=tensors[f.name])
+                lo, hi = owner_rows(f.shape[0], S, self.group_index)
+                values = self.initial_values.rows(f.name, lo, hi)
+                self.exchange.owners.values[f.name] = values.to(self.device, f.dtype)
+                self.exchange.owners.rows[f.name] = (lo, hi)
 
     def _flatten_shared(self) -> None:
         """Make the subnet's shared tensors views of one flat buffer in the plan's bucket

@@ -31,6 +31,7 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
 from .accelerate import RANK_STATE, ISTAccelerator, ISTModel, retarget_scheduler
 from .config import ISTConfig
+from .sharded import save_sharded
 from .tracking import round_log
 from .lifecycle import exit_with_parent
 
@@ -143,20 +144,23 @@ class ISTTrainerMixin:
         return self.accelerator.ist
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``save_pretrained`` of the global model, gathered from the subnets (every rank calls
-        it), with the evaluation view folded into its weights: ``from_pretrained`` of the
+        """The global model as ``save_pretrained`` would write it, but in shards written by
+        the subnet groups' leaders (every rank calls it; no rank holds the whole model), with
+        the evaluation view folded into its weights: ``from_pretrained`` of the
         folder scores what ``evaluate()`` scores (``push_to_hub`` too). Inside a Trainer
         checkpoint the raw training values are written, as ``save_state`` does, so resuming
         from it stays exact."""
         if not isinstance(self.model, ISTModel):
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        # a collective; empty off the main process
-        state = self.accelerator.get_state_dict(self.model, raw=getattr(self, "_in_checkpoint", False))
+        ist = self.accelerator.ist
+        # a collective: each group's leader writes its shard (Hugging Face layout, an index beside)
+        save_sharded(ist, output_dir, export=not getattr(self, "_in_checkpoint", False))
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.ist.model_global.save_pretrained(output_dir, state_dict=state)
+        for part in ("config", "generation_config"):  # what from_pretrained reads beside the weights
+            if getattr(ist.model_global, part, None) is not None:
+                getattr(ist.model_global, part).save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

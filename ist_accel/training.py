@@ -512,13 +512,17 @@ def _communication(args, accelerator, model_params: int, steps: int, tap: Wireta
     if args.method == "ist":
         ist = accelerator.ist
         t = ist.totals
-        counts += [t.bytes_sent, t.bytes_lower, t.compute_seconds, t.sync_seconds, ist.subnet_numel()]
+        counts += [t.bytes_sent, t.bytes_lower, t.compute_seconds, t.sync_seconds, ist.subnet_numel(), t.bytes_received]
     mean = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=accelerator.device), "mean").tolist()
     out.update({"bytes_sent_per_worker": mean[0], "bytes_received_per_worker": mean[1],
                 "total_bytes_sent_per_worker": mean[2], "total_bytes_received_per_worker": mean[3],
                 "bytes_by_phase": dict(zip(phases, mean[4:9])), "bytes_measured": True})
     if args.method == "ist":
         warm = accelerator.dense_warmup_steps * ring_allreduce_bytes(model_params, world)
+        # the exchange across groups, as the engine counts it (checked against the wiretap in the tests); what
+        # the wiretap saw during syncs also holds the traffic inside each group (G > 1, ZeRO's gathers)
+        out.update({"sync_bytes_sent_per_worker": out["bytes_sent_per_worker"],
+                    "bytes_sent_per_worker": mean[9] + warm, "bytes_received_per_worker": mean[14] + warm})
         out.update({"rounds": t.rounds, "engine_bytes_sent_per_worker": mean[9], "bytes_lower_per_worker": mean[10] + warm,
                     "compute_seconds": mean[11], "sync_seconds": mean[12], "subnet_params": mean[13],
                     "dense_warmup_steps": accelerator.dense_warmup_steps, "dense_warmup_bytes_per_worker": warm,

@@ -18,7 +18,10 @@ def test_exchange_benchmark(tmp_path, model, S, workers):
                           capture_output=True, text=True, timeout=300)
     assert out.exists(), proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert "| IST exchange |" in proc.stdout
+    assert f"| {model} | {S} x {workers // S} | fp32 |" in proc.stdout
+    for key in ("check_seconds", "pack_seconds", "wire_seconds", "unpack_seconds", "plan_seconds", "allreduce_seconds"):
+        assert r[key] >= 0
+    assert r["ist_sync_seconds"] > 0 and r["plan_bytes"] >= 0
     for key in ("ist_bytes_sent_per_worker", "allreduce_bytes_sent_per_worker", "lower_bound_bytes_per_worker"):
         assert r[key] > 0
     assert r["ist_bytes_sent_per_worker"] <= 1.10 * r["lower_bound_bytes_per_worker"]

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from ist_accel.sharded import load_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import CPU_CONFIG, ROOT, free_port, torchrun  # noqa: E402
@@ -161,8 +162,8 @@ def test_exported_model_in_the_plain_architecture_scores_the_reported_accuracy(m
             correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in loader)
         return correct / len(test)
 
-    export = load_file(mlp_run / "model" / "model.safetensors")
-    raw = load_file(mlp_run / "checkpoints" / "step_00000200" / "model.safetensors")  # the training values
+    export = load_folder(mlp_run / "model")
+    raw = load_folder(mlp_run / "checkpoints" / "step_00000200")  # the training values
     exported, unfolded = accuracy(export), accuracy(raw)
     print(f"reported {reported:.4f}, exported model {exported:.4f}, raw training weights {unfolded:.4f}")
     assert abs(exported - reported) * len(test) <= 1, (exported, reported)
@@ -186,7 +187,7 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path, mlp_run):
     assert (out / "results.json").exists(), text[-4000:]
     assert f"skipping the damaged checkpoint {damaged}" in text and "ist_rank0.pt has 1000 bytes" in text
     assert f"resuming from {out / 'checkpoints' / 'step_00000080'}" in text
-    a, b = load_file(mlp_run / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    a, b = load_folder(mlp_run / "model"), load_folder(out / "model")
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

@@ -49,7 +49,7 @@ def test_perplexity_falls_well_below_its_start(tmp_path, model, decomposition, s
     assert r["final_perplexity"] < 0.1 * r["initial_perplexity"], r
     assert r["bytes_sent_per_worker"] <= 1.10 * r["bytes_lower_per_worker"]
     assert r["subnet_params"] < r["model_params"]
-    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "model" / "model.safetensors.index.json").exists()
 
 
 def test_help_and_bad_arguments(tmp_path):

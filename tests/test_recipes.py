@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from ist_accel.sharded import load_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import ROOT, accelerate_launch  # noqa: E402
@@ -42,7 +43,7 @@ def test_resist_imagenet_on_cifar10_jpegs_reaches_the_bar(tmp_path, cifar_cache)
     assert 0 < r["bytes_received_per_worker"] <= 1.10 * r["bytes_lower_per_worker"], r
     assert r["subnet_params"] < 0.8 * r["model_params"]  # a worker trains a fraction of the model
     assert r["compute_seconds"] > 0 and r["sync_seconds"] > 0
-    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "model" / "model.safetensors.index.json").is_file()
 
 
 @pytest.mark.parametrize("method", ["ist", "ist-warmup", "ddp", "localsgd"])
@@ -103,8 +104,8 @@ def test_stop_mid_round_and_resume_equals_uninterrupted(tmp_path, policy):
     assert {p.name for p in (tmp_path / "cut" / "checkpoints" / "step_00000040").glob("ist_rank*.pt")} == \
         {"ist_rank0.pt", "ist_rank1.pt"}
     resumed = launch("ist_mlp.py", [*common, "--resume", "auto"], tmp_path / "cut")
-    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    a = load_folder(tmp_path / "whole" / "model")
+    b = load_folder(tmp_path / "cut" / "model")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
@@ -208,8 +209,8 @@ def test_resume_inside_the_data_parallel_warmup(tmp_path):
                                                           "--stop-after-steps", "7"])
     assert (tmp_path / "cut" / "checkpoints" / "step_00000005" / "ist_warmup.json").exists()
     resumed = launch("resist_imagenet.py", [*common, "--resume", "auto"], tmp_path / "cut")
-    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    a = load_folder(tmp_path / "whole" / "model")
+    b = load_folder(tmp_path / "cut" / "model")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
     assert resumed["final_accuracy"] == whole["final_accuracy"]

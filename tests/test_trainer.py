@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from ist_accel.sharded import load_folder
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from common import make_model  # noqa: E402
@@ -76,7 +77,7 @@ def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, schedu
     assert (tmp_path / "result.json").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["rounds"], result["steps"]) == (STEPS // LOCAL, STEPS)  # accumulation counts optimizer steps
-    got = load_file(tmp_path / "final" / "model.safetensors")
+    got = load_folder(tmp_path / "final")
     expected, d = reference(S, G, policy, decomposition, linear=scheduler == "linear")
     for key, value in d.export_state(expected.state_dict()).items():  # save_model exports the evaluated model
         if key in got:  # save_pretrained drops the tied lm_head.weight
@@ -110,7 +111,7 @@ def test_save_steps_and_resume_from_checkpoint_continue_exactly(tmp_path, zero, 
     second = torchrun("trainer_worker.py", 2, [*common, "--resume", str(checkpoint), "--out", str(tmp_path / "b")],
                       env=env)
     assert (tmp_path / "b" / "result.json").exists(), second.stderr[-5000:]
-    a, b = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
+    a, b = load_folder(tmp_path / "a" / "final"), load_folder(tmp_path / "b" / "final")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{key}: {m}")
     result = json.loads((tmp_path / "b" / "result.json").read_text())

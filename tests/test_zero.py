@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from launch import ROOT, accelerate_launch, torchrun  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+
+from ist_accel.sharded import load_folder  # noqa: E402
 from test_recipes import MNIST, RECIPES, launch, needs_mnist  # noqa: E402
 from test_accelerate import ACCUM, LOCAL_STEPS, ROUNDS, exported, reference  # noqa: E402
 
@@ -101,8 +102,8 @@ def test_recipe_under_the_deepspeed_launch_config_resumes_exactly(tmp_path, deep
                                                         "--stop-after-steps", "25"], config=config)
     assert not (tmp_path / "cut" / "results.json").exists(), proc.stderr[-3000:]
     resumed = launch("ist_mlp.py", [*common, "--resume", "auto"], tmp_path / "cut", nproc=4, config=config)
-    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    a = load_folder(tmp_path / "whole" / "model")
+    b = load_folder(tmp_path / "cut" / "model")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
     assert (resumed["steps"], resumed["final_accuracy"]) == (whole["steps"], whole["final_accuracy"])

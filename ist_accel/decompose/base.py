@@ -161,6 +161,11 @@ class Decomposition(ABC):
         Raises ``ValueError`` naming a scaled module that has no weights to fold into."""
         return fold_scalings(self.model, state_dict, self.eval_scalings())
 
+    def export_factors(self) -> dict[str, float]:
+        """Per exported tensor, the factor that folds the evaluation view into it (tensors
+        not listed are exported as trained)."""
+        return scaling_factors(self.model, self.eval_scalings())
+
     @abstractmethod
     def shared_names(self) -> set[str]:
         """Global tensors that every subnet holds whole in every round."""
@@ -249,11 +254,21 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 def fold_scalings(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                   scalings: list[Scaling]) -> dict[str, torch.Tensor]:
     """``state_dict`` with each (module, factor, where) scaling folded into the module's
-    parameters. An output scaling of an affine module (Linear, ConvNd, transformers Conv1D,
-    BatchNorm / LayerNorm / GroupNorm with affine parameters) multiplies its weight and
-    bias; an input scaling of a Linear, ConvNd or Conv1D multiplies its weight only (the
-    layer is linear in its input). Anything else raises ``ValueError`` naming the module."""
+    parameters (:func:`scaling_factors`)."""
     out = dict(state_dict)
+    for key, factor in scaling_factors(model, scalings).items():
+        if key not in out:
+            raise ValueError(f"cannot fold the evaluation scaling into {key!r}: the state dict has no {key!r} "
+                             "(pass the global model's full state dict)")
+        out[key] = (out[key].detach() * factor).to(out[key].dtype)  # new tensors: tied weights stay untouched
+    return out
+
+
+def scaling_factors(model: nn.Module, scalings: list[Scaling]) -> dict[str, float]:
+    """The factor each exported tensor is multiplied by to fold ``scalings`` into it. An
+    output scaling of an affine module (Linear, ConvNd, transformers Conv1D, BatchNorm /
+    LayerNorm / GroupNorm with affine parameters) multiplies its weight and bias; an input scaling of a Linear, ConvNd or Conv1D multiplies its weight only (the
+    layer is linear in its input). Anything else raises ``ValueError`` naming the module."""
     factors: dict[str, float] = {}
     for name, factor, where in scalings:
         module = model.get_submodule(name)
@@ -273,13 +288,8 @@ def fold_scalings(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                 f"its {type(module).__name__} has no affine weight (affine=False / elementwise_affine=False)")
         for t in present:
             key = f"{name}.{t}" if name else t
-            if key not in out:
-                raise ValueError(f"cannot fold the evaluation scaling of {name!r}: the state dict has no {key!r} "
-                                 "(pass the global model's full state dict)")
             factors[key] = factors.get(key, 1.0) * factor
-    for key, factor in factors.items():
-        out[key] = (out[key].detach() * factor).to(out[key].dtype)  # new tensors: tied weights stay untouched
-    return out
+    return factors
 
 
 def scaling_hooks(model: nn.Module, scalings: list[Scaling]) -> list[tuple[nn.Module, float, str]]:

@@ -96,6 +96,11 @@ def _residual_branch(trace: Trace, block: nn.Module, name: str) -> str | None:
     if not leaves:
         return None
     branch = leaves[-1][len(name) + 1 :]
+    if x.is_meta:  # a meta-device model: check a materialized copy of the block on real values
+        from ..init import materialize
+
+        block = materialize(block, seed=0)
+        x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     silenced = block.get_submodule(branch)
     handle = silenced.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
     was_training = block.training

@@ -33,14 +33,20 @@ class Trace:
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor:
-    """A small input matching the model's first layer (images: 1 x C x 32 x 32)."""
+    """A small input matching the model's first layer (images: 1 x C x 32 x 32), on the
+    model's device (a meta-device model is traced on meta tensors: shapes, no values)."""
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            return torch.randn(1, module.in_channels, 32, 32, generator=torch.Generator().manual_seed(0))
-        if isinstance(module, nn.Conv1d):
-            return torch.randn(1, module.in_channels, 64, generator=torch.Generator().manual_seed(0))
-        if isinstance(module, nn.Linear):
-            return torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0))
+            shape: tuple[int, ...] = (1, module.in_channels, 32, 32)
+        elif isinstance(module, nn.Conv1d):
+            shape = (1, module.in_channels, 64)
+        elif isinstance(module, nn.Linear):
+            shape = (2, module.in_features)
+        else:
+            continue
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        return x.to(device) if device.type == "meta" else x
     raise ValueError(
         f"cannot guess an input for {type(model).__name__}: it has no Conv or Linear layer; "
         "pass example_input"
