@@ -1,29 +1,58 @@
-"""ist_accel: Independent Subnet Training (IST, ResIST) for the Hugging Face / DeepSpeed stack."""
+"""ist_accel: Independent Subnet Training (IST, ResIST) for the Hugging Face / DeepSpeed stack.
 
-from .accelerate import ISTAccelerator, ISTModel
-from .accounting import RoundBytes, lower_bound, ring_allreduce_bytes
-from .config import ISTConfig
-from .decompose import (
-    Assignment,
-    Decomposition,
-    MLPDecomposition,
-    Piece,
-    ResidualDecomposition,
-    decompose,
-    find_residual_stages,
-)
-from .checkpoint import CheckpointError, CheckpointSaveError
-from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTPeerFailure, ISTSyncError
-from .plan import Plan, make_plan
-from .preflight import check_setup
-from .reference import ReferenceIST
-from .round import IST, RoundMetrics
-from .subnet import SubnetTensors
-from .topology import Topology
-from .transfer import TransferPlan, build_plan
-from .zero import ZeroSubnet, check_deepspeed_config
+The public names load on first use (PEP 562): ``import ist_accel`` costs a few
+milliseconds and imports neither torch, Accelerate, transformers nor DeepSpeed, so the
+``ist-accel`` console script and light tools start fast. ``from ist_accel import X``
+imports only the submodule that defines ``X``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "ISTAccelerator": "accelerate",
+    "ISTModel": "accelerate",
+    "RoundBytes": "accounting",
+    "lower_bound": "accounting",
+    "ring_allreduce_bytes": "accounting",
+    "ISTConfig": "config",
+    "Assignment": "decompose",
+    "Decomposition": "decompose",
+    "MLPDecomposition": "decompose",
+    "Piece": "decompose",
+    "ResidualDecomposition": "decompose",
+    "decompose": "decompose",
+    "find_residual_stages": "decompose",
+    "CheckpointError": "checkpoint",
+    "CheckpointSaveError": "checkpoint",
+    "ISTAgreementError": "faults",
+    "ISTError": "faults",
+    "ISTNonFiniteError": "faults",
+    "ISTPeerFailure": "faults",
+    "ISTSyncError": "faults",
+    "Plan": "plan",
+    "make_plan": "plan",
+    "check_setup": "preflight",
+    "ReferenceIST": "reference",
+    "IST": "round",
+    "RoundMetrics": "round",
+    "SubnetTensors": "subnet",
+    "Topology": "topology",
+    "TransferPlan": "transfer",
+    "build_plan": "transfer",
+    "ZeroSubnet": "zero",
+    "check_deepspeed_config": "zero",
+    "ISTCallback": "trainer",
+    "ISTTrainer": "trainer",
+    "ISTSeq2SeqTrainer": "trainer",
+}
 
 __all__ = [
     "Assignment",
@@ -33,29 +62,88 @@ __all__ = [
     "IST",
     "ISTAccelerator",
     "ISTAgreementError",
+    "ISTCallback",
     "ISTConfig",
     "ISTError",
     "ISTModel",
     "ISTNonFiniteError",
     "ISTPeerFailure",
+    "ISTSeq2SeqTrainer",
     "ISTSyncError",
+    "ISTTrainer",
     "MLPDecomposition",
     "Piece",
     "Plan",
     "ReferenceIST",
     "ResidualDecomposition",
-    "RoundMetrics",
     "RoundBytes",
+    "RoundMetrics",
     "SubnetTensors",
     "Topology",
     "TransferPlan",
     "ZeroSubnet",
-    "check_deepspeed_config",
     "build_plan",
+    "check_deepspeed_config",
     "check_setup",
     "decompose",
     "find_residual_stages",
     "lower_bound",
     "make_plan",
     "ring_allreduce_bytes",
-]
+]  # the keys of _EXPORTS (tests/test_imports.py checks)
+
+if TYPE_CHECKING:  # static checkers see the real names; nothing below runs
+    from .accelerate import ISTAccelerator, ISTModel
+    from .accounting import RoundBytes, lower_bound, ring_allreduce_bytes
+    from .checkpoint import CheckpointError, CheckpointSaveError
+    from .config import ISTConfig
+    from .decompose import (
+        Assignment,
+        Decomposition,
+        MLPDecomposition,
+        Piece,
+        ResidualDecomposition,
+        decompose,
+        find_residual_stages,
+    )
+    from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTPeerFailure, ISTSyncError
+    from .plan import Plan, make_plan
+    from .preflight import check_setup
+    from .reference import ReferenceIST
+    from .round import IST, RoundMetrics
+    from .subnet import SubnetTensors
+    from .topology import Topology
+    from .trainer import ISTCallback, ISTSeq2SeqTrainer, ISTTrainer
+    from .transfer import TransferPlan, build_plan
+    from .zero import ZeroSubnet, check_deepspeed_config
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # cached: __getattr__ runs once per name
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``decompose`` is both a public function and the subpackage that defines it. Loading
+    the subpackage makes the import system set ``ist_accel.decompose`` to the module;
+    this property keeps the public name the function, as it was when the package
+    imported everything eagerly."""
+
+    def _decompose(self) -> Any:
+        return importlib.import_module(".decompose", __name__).decompose
+
+    def _keep_function(self, value: Any) -> None:  # the import system records the subpackage here
+        pass
+
+    decompose = property(_decompose, _keep_function)
+
+
+sys.modules[__name__].__class__ = _Package
