@@ -125,12 +125,25 @@ def test_bytes_at_the_lower_bound_and_memory_is_subnet_plus_shard(tmp_path, mode
     total_sent = sum(m["bytes_sent"] for r in ranks for m in r["history"])
     total_lower = sum(m["bytes_lower"] for r in ranks for m in r["history"])
     assert total_sent <= 1.10 * total_lower
-    for r in ranks:  # the engine's ledger against an independent count of torch.distributed's calls
+    world = S * G
+    for r in ranks:  # the engine's ledger and the package's wiretap against the test's own count
+        counted = r["wire"]  # tests/workers/common.py WireCount: torch.distributed's calls, this rank's payloads
+        assert counted["calls"].get("batch_isend_irecv", 0) >= 3  # the exchange went point to point
+        assert sum(counted["sent"].values()) == sum(sent for sent, _ in r["ledger"].values())  # every byte, exactly
+        assert sum(counted["received"].values()) == sum(got for _, got in r["ledger"].values())
         tapped = {phase: v["sent"] for phase, v in r["wiretap"].items()}
-        assert sum(tapped.values()) == pytest.approx(sum(sent for sent, _ in r["ledger"].values()))
-        if G == 1:  # every byte of a sync: the exchange, the agreement check (and nothing else between syncs)
-            in_syncs = sum(m["bytes_sent"] + m["other_bytes_sent"] for m in r["history"])
-            assert tapped["exchange"] == pytest.approx(in_syncs)
+        assert sum(tapped.values()) == pytest.approx(sum(counted["sent"].values()))
+        assert len(r["syncs"]) == len(r["history"]) == 3
+        for m, c in zip(r["history"], r["syncs"]):
+            # since the previous sync: the round's exchange, and everything else the engine reports apart
+            assert c["since_previous"] == m["bytes_sent"] + m["other_bytes_sent"], (c, m)
+            if G == 1:  # no bytes between syncs; within one: the shared set's all-reduce and, point to point,
+                # the messages and the agreement check, an int64 vector of fields sent to each other rank
+                assert c["collective"] == m["allreduce_bytes"], (c, m)
+                assert c["p2p"] == m["bytes_sent"] - m["allreduce_bytes"] + m["other_bytes_sent"], (c, m)
+                check = m["other_bytes_sent"]
+                assert check == r["history"][0]["other_bytes_sent"] and check % (8 * (world - 1)) == 0
+                assert 0 < check / (8 * (world - 1)) <= 32, check  # a handful of fields, not a payload
 
 
 def test_engine_rejects_bad_worlds_before_creating_groups():

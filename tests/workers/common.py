@@ -58,3 +58,122 @@ def eval_items(name: str) -> list:
     else:
         xs, ys = torch.randn(50, 12, generator=g), torch.randint(0, 3, (50,), generator=g)
     return list(zip(xs, ys))
+
+
+class WireCount:
+    """The test's own count of the bytes this rank sends and receives through
+    ``torch.distributed``, written apart from the engine (``ist_accel.transport``'s ledger)
+    and from ``ist_accel.wiretap``, to check the figures they report.
+
+    Point-to-point messages are counted exactly (their payload). A collective's bytes per
+    rank depend on its algorithm; we take the ones gloo runs: ring all-reduce, 2 (N-1)/N of
+    the tensor each way; all-gather, N-1 chunks each way; reduce-scatter and all-to-all,
+    (N-1)/N of the input; broadcast, the root sends the tensor to each of N-1 ranks, each
+    receives it once; reduce, the reverse. ``isend``/``irecv`` stay unwrapped (``P2POp``
+    takes only the originals); the engine batches them, counted in ``batch_isend_irecv``.
+    """
+
+    NAMES = ("send", "recv", "batch_isend_irecv", "all_reduce", "reduce", "broadcast", "all_gather",
+             "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
+
+    def __init__(self) -> None:
+        self.sent = {"p2p": 0.0, "collective": 0.0}
+        self.received = {"p2p": 0.0, "collective": 0.0}
+        self.calls: dict[str, int] = {}
+        self._originals: dict = {}
+
+    def install(self) -> "WireCount":
+        import torch.distributed as dist
+
+        for name in self.NAMES:
+            original = getattr(dist, name)
+            self._originals[name] = original
+            setattr(dist, name, self._wrapped(name, original))
+        return self
+
+    def uninstall(self) -> None:
+        import torch.distributed as dist
+
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+    def total_sent(self) -> float:
+        return self.sent["p2p"] + self.sent["collective"]
+
+    def _wrapped(self, name, original):
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            getattr(self, f"_{name}")(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        return counted
+
+    def _add(self, kind: str, sent: float, received: float) -> None:
+        self.sent[kind] += sent
+        self.received[kind] += received
+
+    @staticmethod
+    def _bytes(t) -> int:
+        return t.numel() * t.element_size()
+
+    @staticmethod
+    def _ranks(group) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size(group)
+
+    @staticmethod
+    def _me() -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank()
+
+    def _send(self, tensor, *args, **kwargs):
+        self._add("p2p", self._bytes(tensor), 0)
+
+    def _recv(self, tensor, *args, **kwargs):
+        self._add("p2p", 0, self._bytes(tensor))
+
+    def _batch_isend_irecv(self, ops):
+        for op in ops:
+            if op.op.__name__ == "isend":
+                self._add("p2p", self._bytes(op.tensor), 0)
+            else:
+                self._add("p2p", 0, self._bytes(op.tensor))
+
+    def _all_reduce(self, tensor, op=None, group=None, async_op=False):
+        n = self._ranks(group)
+        each_way = 2 * (n - 1) * self._bytes(tensor) / n
+        self._add("collective", each_way, each_way)
+
+    def _rooted(self, tensor, root, group, root_sends):
+        n = self._ranks(group)
+        fan_out = (n - 1) * self._bytes(tensor)  # the root's side
+        if self._me() == root:
+            self._add("collective", fan_out if root_sends else 0, 0 if root_sends else fan_out)
+        else:
+            self._add("collective", 0 if root_sends else self._bytes(tensor), self._bytes(tensor) if root_sends else 0)
+
+    def _broadcast(self, tensor, src=None, group=None, async_op=False, group_src=None):
+        assert group_src is None, "count by global rank only"
+        self._rooted(tensor, src, group, root_sends=True)
+
+    def _reduce(self, tensor, dst=None, op=None, group=None, async_op=False, group_dst=None):
+        assert group_dst is None, "count by global rank only"
+        self._rooted(tensor, dst, group, root_sends=False)
+
+    def _all_gather(self, tensor_list, tensor, group=None, async_op=False):
+        chunks = (self._ranks(group) - 1) * self._bytes(tensor)
+        self._add("collective", chunks, chunks)
+
+    def _all_gather_into_tensor(self, output, input, group=None, async_op=False):
+        self._all_gather(None, input, group)
+
+    def _reduce_scatter_tensor(self, output, input, op=None, group=None, async_op=False):
+        n = self._ranks(group)
+        share = (n - 1) * self._bytes(input) / n
+        self._add("collective", share, share)
+
+    def _all_to_all_single(self, output, input, *args, group=None, **kwargs):
+        n = self._ranks(group)
+        self._add("collective", (n - 1) * self._bytes(input) / n, (n - 1) * self._bytes(output) / n)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import batch_for, eval_items, make_model, loss_fn, score  # noqa: E402
+from common import WireCount, batch_for, eval_items, make_model, loss_fn, score  # noqa: E402
 
 from ist_accel import ISTConfig  # noqa: E402
 from ist_accel.round import IST  # noqa: E402
@@ -40,13 +40,22 @@ def main() -> None:
                        optimizer_state=args.policy, seed=5 + dist.get_rank() * args.seed_rank_offset,
                        wire_dtype=args.wire_dtype, nonfinite=args.nonfinite, decomposition=args.decomposition, sync_timeout=args.timeout)
     model = make_model(args.model)
-    tap = Wiretap().install()  # an independent count of every byte, to check the engine's own
+    tap = Wiretap().install()  # the package's wiretap, which the recipes report: checked against the engine
+    wire = WireCount().install()  # the test's own count (tests/workers/common.py), apart from both
     ist = IST(model, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), config)
     sync = ist.sync
+    syncs = []  # per sync, this rank's counted bytes: within the sync by kind, and since the previous one
+    last = {"sent": wire.total_sent()}
 
     def counted_sync():
+        before = dict(wire.sent)
         with tap.phase("exchange"):
-            return sync()
+            metrics = sync()
+        syncs.append({"p2p": wire.sent["p2p"] - before["p2p"],
+                      "collective": wire.sent["collective"] - before["collective"],
+                      "since_previous": wire.total_sent() - last["sent"]})
+        last["sent"] = wire.total_sent()
+        return metrics
 
     ist.sync = counted_sync
     resident_after_setup = ist.resident_elements()
@@ -64,7 +73,8 @@ def main() -> None:
     if ist.rank == 0:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(args.out, "global.pt"))
     with open(os.path.join(args.out, f"rank{ist.rank}.json"), "w") as f:
-        json.dump({"wiretap": tap.report(), "ledger": ist.transport.ledger.copy(), "history": history, "accuracy": accuracy, "resident_after_eval": resident_after_eval, "resident_after_setup": resident_after_setup, "resident_peak": peak,
+        json.dump({"wiretap": tap.report(), "ledger": ist.transport.ledger.copy(), "syncs": syncs,
+                   "wire": {"sent": wire.sent, "received": wire.received, "calls": wire.calls}, "history": history, "accuracy": accuracy, "resident_after_eval": resident_after_eval, "resident_after_setup": resident_after_setup, "resident_peak": peak,
                    "subnet_elements": sum(t.numel() for t in ist.subnet.state_dict().values()),
                    "global_elements": sum(sh.numel() for sh, _ in ist.global_shapes.values())}, f)
     ist.close()
