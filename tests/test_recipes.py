@@ -46,20 +46,30 @@ def test_resist_imagenet_on_cifar10_jpegs_reaches_the_bar(tmp_path, cifar_cache)
     assert (tmp_path / "out" / "model" / "model.safetensors.index.json").is_file()
 
 
+# Final accuracy on the embedded synthetic set (10 classes, chance 0.10), measured with the
+# recipe's seed, preact_resnet20, 200 steps of batch 32 on 2 ranks, constant lr 0.1: ist 0.404,
+# ist-warmup 0.410, ddp 0.634, localsgd 0.653. (20 steps, as before, left every method at chance,
+# 0.10-0.11; 120 steps left ist-warmup there, 0.12.) The floor is chance + 0.15.
+EMBEDDED_STEPS, EMBEDDED_FLOOR = 200, 0.25
+
+
 @pytest.mark.parametrize("method", ["ist", "ist-warmup", "ddp", "localsgd"])
 def test_resist_imagenet_embedded_default_runs_every_method(tmp_path, method):
     warmup = ["--dense-warmup-epochs", "0.01"] if method == "ist-warmup" else []  # 1.6 batches: one round, 5 steps
+    steps = EMBEDDED_STEPS
     r = launch("resist_imagenet.py", ["--arch", "preact_resnet20", "--method", method.split("-")[0], "--max-steps",
-                                      "20", "--local-steps", "5", "--batch-size", "32", *warmup], tmp_path)
-    assert r["method"] == method.split("-")[0] and r["steps"] == 20 and 0 <= r["final_accuracy"] <= 1
-    expected_syncs = {"ist": 4, "ist-warmup": 3, "ddp": 20, "localsgd": 4}[method]
+                                      str(steps), "--local-steps", "5", "--batch-size", "32", "--schedule", "constant",
+                                      *warmup], tmp_path)
+    assert r["method"] == method.split("-")[0] and r["steps"] == steps
+    assert r["final_accuracy"] >= EMBEDDED_FLOOR, r  # it learned: chance is 0.10
+    expected_syncs = {"ist": steps // 5, "ist-warmup": (steps - 5) // 5, "ddp": steps, "localsgd": steps // 5}[method]
     assert r["rounds"] == expected_syncs
     if method == "ist-warmup":
         assert r["dense_warmup_steps"] == 5
         assert r["dense_warmup_bytes_per_worker"] == pytest.approx(5 * r["model_params"] * 4)
     model_bytes = r["model_params"] * 4  # a ring all-reduce between 2 ranks sends its payload once
     if method == "ddp":  # the gradients of every step, measured by the wiretap's comm hook
-        assert r["bytes_sent_per_worker"] == pytest.approx(20 * model_bytes)
+        assert r["bytes_sent_per_worker"] == pytest.approx(steps * model_bytes)
     if method == "localsgd":  # Accelerate's LocalSGD syncs once more when its context exits
         assert r["bytes_sent_per_worker"] == pytest.approx((expected_syncs + 1) * model_bytes)
     if method == "ist-warmup":  # the warm-up's DDP gradients, then the rounds (measured)
