@@ -137,39 +137,85 @@ def test_recipe_cli_fails_cleanly_or_runs_its_preflight(tmp_path, monkeypatch, c
     except SystemExit as stop:  # argparse (code 2, message on stderr) or a check (the message itself)
         message = capsys.readouterr().err if stop.code == 2 else str(stop.code)
         assert message.strip(), argv
-        accepted = False
+        outcome = "usage" if stop.code == 2 else "check"
     else:
-        accepted = True
-    event("accepted" if accepted else "refused")
-    assert accepted == _cli_valid(dict(zip(argv[::2], argv[1::2])), world), (argv, world)
+        outcome = None
+    event(outcome or "accepted")
+    assert outcome == cli_verdict(dict(zip(argv[::2], argv[1::2])), world), (argv, world, outcome)
     assert not out.exists() and not dist.is_initialized()
 
 
-def _cli_valid(flags: dict, world: int) -> bool:
-    """The recipe's flags, by the spec: argparse choices, integers in range, checkpoints on
-    round ends, S x G = world (one of S and G, if missing, is the world divided by the
-    other; G alone missing with S not given: 1), and the model's partitionable blocks."""
-    get = flags.get
-    try:
-        local, m = int(get("--local-steps", "50")), int(get("--min-blocks", "0"))
-        every = int(get("--checkpoint-every", "0"))
-        S = int(flags["--num-subnets"]) if "--num-subnets" in flags else None
-        if "--group-size" in flags:
-            G = int(flags["--group-size"])
-        else:  # filled in from the world size and S
-            G = max(world // S, 1) if S is not None and S > 0 else 1
-        if S is None:
-            S = world // G if G > 0 else 0
-    except ValueError:
-        return False
-    if get("--decomposition", "resist") not in ("auto", "resist") or get("--wire-dtype", "fp32") == "fp8":
-        return False  # ist_mlp cannot cut a ResNet
-    if get("--mixed-precision", "no") == "fp8" or get("--arch") not in ("preact_resnet20", "preact_resnet32"):
-        return False
-    if local < 1 or G < 1 or m < 0 or S < 1 or every % local or world % G or S * G != world:
-        return False
-    blocks = {"preact_resnet20": 2, "preact_resnet32": 4}[get("--arch")]  # 'longest': layer3 without block 0
-    return m <= blocks and (S <= blocks or m >= 1)
+# The recipe's command line, stated from the spec (the flags' --help, README "Launch configs"
+# and "W&B sweeps", docs/reliability.md "Bad input"), not from training.check_args:
+INTEGER_FLAGS = ("--num-subnets", "--group-size", "--local-steps", "--min-blocks", "--checkpoint-every")
+CHOICES = {"--decomposition": ("auto", "resist", "ist_mlp", "layers", "ffn", "heads"),
+           "--wire-dtype": ("fp32", "bf16", "fp16"), "--mixed-precision": ("no", "fp16", "bf16"),
+           "--arch": tuple(f"preact_resnet{d}" for d in (18, 34, 50, 101, 152, 20, 32, 56, 110))}
+RECIPE_DEFAULTS = {"--local-steps": "50", "--min-blocks": "0", "--checkpoint-every": "0", "--decomposition": "resist"}
+# ResIST's default stage ('longest') is layer3 without its strided first block: 3 - 1 and 5 - 1
+PARTITIONABLE_BLOCKS = {"preact_resnet20": 2, "preact_resnet32": 4}
+
+
+def cli_verdict(flags: dict, world: int) -> str | None:
+    """How ``resist_cifar.py`` with ``flags`` on ``world`` processes must end: ``"usage"``
+    (argparse refuses: a value that is not an integer, or not among the choices), ``"check"``
+    (a clear message before anything runs) or None (accepted)."""
+    for flag, value in flags.items():
+        if flag in INTEGER_FLAGS and not value.lstrip("-").isdigit():
+            return "usage"
+        if flag in CHOICES and value not in CHOICES[flag]:
+            return "usage"
+    get = {**RECIPE_DEFAULTS, **flags}.get
+    local, m, every = int(get("--local-steps")), int(get("--min-blocks")), int(get("--checkpoint-every"))
+    if local < 1 or m < 0 or every < 0:
+        return "check"
+    if every % local:  # IST checkpoints are taken at round ends
+        return "check"
+    # The world is S subnet groups x G ranks. Of S and G, the one not given is the world
+    # divided by the other (it must divide it); neither given: G = 1, S = world.
+    S = int(flags["--num-subnets"]) if "--num-subnets" in flags else None
+    G = int(flags["--group-size"]) if "--group-size" in flags else None
+    if (S is not None and S < 1) or (G is not None and G < 1):
+        return "check"
+    if S is None and G is None:
+        S, G = world, 1
+    elif S is None or G is None:
+        given = S if G is None else G
+        if world % given:
+            return "check"
+        S, G = (S, world // S) if G is None else (world // G, G)
+    if S * G != world:
+        return "check"
+    # A ResNet is cut by ResIST only (ist_mlp needs a chain of Linear layers; layers, ffn and
+    # heads a transformers model). Each subnet needs a block of its own, unless a minimum
+    # depth lets subnets share blocks; the minimum cannot exceed the blocks there are.
+    if get("--decomposition") not in ("auto", "resist"):
+        return "check"
+    blocks = PARTITIONABLE_BLOCKS[get("--arch")]
+    if m > blocks or (S > blocks and m == 0):
+        return "check"
+    return None
+
+
+def test_cli_oracle_on_hand_picked_lines():
+    """The oracle itself, on cases worked out by hand (ResNet-20: 2 partitionable blocks)."""
+    r20 = {"--arch": "preact_resnet20"}
+    assert cli_verdict(r20, 2) is None  # S = 2, G = 1
+    assert cli_verdict({**r20, "--num-subnets": "2"}, 4) is None  # G = 4 / 2
+    assert cli_verdict({**r20, "--num-subnets": "3"}, 4) == "check"  # 3 does not divide 4
+    assert cli_verdict({**r20, "--group-size": "2"}, 4) is None  # S = 2
+    assert cli_verdict({**r20, "--group-size": "2"}, 3) == "check"
+    assert cli_verdict({**r20, "--num-subnets": "2", "--group-size": "2"}, 2) == "check"  # 4 != 2
+    assert cli_verdict(r20, 3) == "check"  # S = 3 > 2 blocks
+    assert cli_verdict({**r20, "--min-blocks": "1"}, 3) is None  # ... unless blocks are shared
+    assert cli_verdict({**r20, "--min-blocks": "3"}, 1) == "check"
+    assert cli_verdict({**r20, "--local-steps": "5", "--checkpoint-every": "15"}, 1) is None
+    assert cli_verdict({**r20, "--local-steps": "10", "--checkpoint-every": "15"}, 1) == "check"
+    assert cli_verdict({**r20, "--checkpoint-every": "10"}, 1) == "check"  # default 50 local steps
+    assert cli_verdict({**r20, "--local-steps": "2.5"}, 1) == "usage"
+    assert cli_verdict({**r20, "--decomposition": "ist_mlp"}, 1) == "check"
+    assert cli_verdict({**r20, "--decomposition": "blocks"}, 1) == "usage"
+    assert cli_verdict({"--arch": "resnet9"}, 1) == "usage"
 
 
 def test_fault_specs_are_checked():
