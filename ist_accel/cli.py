@@ -22,6 +22,8 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stem", default=None, choices=["cifar", "imagenet"], help="pre-activation ResNets only")
     p.add_argument("--in-features", type=int, default=784, help="mlp only")
     p.add_argument("--hidden", default="1024,1024", help="mlp only: comma-separated widths")
+    p.add_argument("--optimizer-slots", type=int, default=1,
+                   help="optimizer state tensors per parameter: 1 SGD with momentum (default), 2 Adam, 0 plain SGD")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -38,8 +40,11 @@ def _run_plan(args: argparse.Namespace) -> int:
         kwargs = {"in_features": args.in_features, "hidden": [int(h) for h in args.hidden.split(",")]}
     elif args.stem is not None:
         kwargs = {"stem": args.stem}
-    model = build_model(args.model, args.num_classes, **kwargs)
-    plan = make_plan(model, config, name=args.model)
+    import torch
+
+    with torch.device("meta"):  # sizes only: a model of any size costs no memory here
+        model = build_model(args.model, args.num_classes, **kwargs)
+    plan = make_plan(model, config, name=args.model, optimizer_slots=args.optimizer_slots)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.to_markdown())
     return 0
 

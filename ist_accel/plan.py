@@ -8,7 +8,57 @@ from torch import nn
 
 from .accounting import FP32_BYTES, lower_bound, ring_allreduce_bytes
 from .config import ISTConfig
-from .decompose import Decomposition, decompose
+from .decompose import Decomposition, decompose, state_tensors
+from .transfer import FieldSpec, build_plan, layouts
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank of a subnet group keeps for training (fp32): its subnet's parameters,
+    gradients and optimizer state; the owner shards (rows of the global model no subnet
+    holds this round); the exchange's reusable buffers; the round plans."""
+
+    subnet: int
+    owner_shards: int
+    buffers: int
+    plans: int
+
+    @property
+    def total(self) -> int:
+        return self.subnet + self.owner_shards + self.buffers + self.plans
+
+
+def rank_memory(d: Decomposition, config: ISTConfig, optimizer_slots: int = 1, rounds: int = 2) -> list[RankMemory]:
+    """What each subnet group's ranks keep (:class:`RankMemory`): the subnet state of round 0
+    (``optimizer_slots`` tensors of state per parameter: 1 for SGD with momentum, 2 for
+    Adam), the owner shards and buffers at their largest over the first ``rounds`` round
+    ends (the engine's buffers grow to the largest round and are reused)."""
+    S, G = config.num_subnets, config.group_size
+    model = d.model
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    fields = [FieldSpec(n, t.shape, t.dtype, frozen=n in frozen) for n, t in state_tensors(model).items()]
+    shapes = {f.name: f.shape for f in fields}
+    by_round = [layouts(fields, [d.pieces(d.assignment(r), s) for s in range(S)]) for r in range(rounds + 1)]
+    out = []
+    for s in range(S):
+        pieces = d.pieces(d.assignment(0), s)
+        values = sum(p.numel(shapes[p.global_name]) for p in pieces)
+        trained = sum(p.numel(shapes[p.global_name]) for p in pieces if p.global_name in trainable)
+        owners = buffers = plans = 0
+        for r in range(rounds):
+            plan = build_plan(fields, by_round[r], by_round[r + 1], s, S, r)
+            row = {f.name: f.numel // max(f.shape[0], 1) if len(f.shape) else 1 for f in fields}
+            owners = max(owners, sum((hi - lo) * row[n] for n, (lo, hi) in plan.owned.items()))
+            moved = sum(plan.send_sizes.values()) + -(-sum(plan.recv_sizes.values()) // G) + plan.keep_size
+            if G > 1:
+                moved += sum(plan.recv_sizes.values())
+            biggest_average = max((plan.fields[a.field].numel for a in plan.averages), default=0)
+            buffers = max(buffers, (moved + biggest_average) * FP32_BYTES)
+            plans = max(plans, plan.nbytes())
+        out.append(RankMemory(subnet=(values + trained * (1 + optimizer_slots)) * FP32_BYTES,
+                              owner_shards=owners * FP32_BYTES, buffers=buffers, plans=plans))
+    return out
 
 
 @dataclass(frozen=True)
@@ -28,6 +78,8 @@ class Plan:
     bytes_per_round_lower_per_worker: list[float]
     localsgd_bytes_per_round: float
     ddp_bytes_per_step: float
+    rank_memory: list[RankMemory]
+    replica_memory: int  # what DDP / LocalSGD keep per worker: the whole model, its gradients, optimizer state
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +97,13 @@ class Plan:
             ("IST bytes/round/worker, lower bound", f"{self.bytes_per_round_lower / mib:,.2f} MiB"),
             ("LocalSGD bytes/round/worker", f"{self.localsgd_bytes_per_round / mib:,.2f} MiB"),
             ("DDP bytes/step/worker", f"{self.ddp_bytes_per_step / mib:,.2f} MiB"),
+            *(
+                (f"rank memory, subnet {s}", f"{m.total / mib:,.1f} MiB (subnet state {m.subnet / mib:,.1f} + owner "
+                 f"shards {m.owner_shards / mib:,.1f} + buffers {m.buffers / mib:,.1f} + plans {m.plans / mib:,.2f})")
+                for s, m in enumerate(self.rank_memory)
+            ),
+            ("DDP / LocalSGD memory per worker", f"{self.replica_memory / mib:,.1f} MiB (model, gradients, "
+                                                 "optimizer state)"),
         ]
         head = (
             f"{self.model}: {self.decomposition}, {self.num_subnets} subnets x "
@@ -53,9 +112,11 @@ class Plan:
         return head + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def make_plan(model: nn.Module, config: ISTConfig, name: str = "model", rounds: int = 4) -> Plan:
-    """Sizes of ``model`` under ``config`` and bytes per worker, the IST bound averaged
-    over the first ``rounds`` round transitions."""
+def make_plan(model: nn.Module, config: ISTConfig, name: str = "model", rounds: int = 4,
+              optimizer_slots: int = 1) -> Plan:
+    """Sizes of ``model`` under ``config``, bytes per worker (the IST bound averaged over the
+    first ``rounds`` round transitions) and memory per rank (:func:`rank_memory`). The
+    model may be on the meta device."""
     d = decompose(model, config)
     params = dict(model.named_parameters())
     shared = d.shared_names()
@@ -79,6 +140,9 @@ def make_plan(model: nn.Module, config: ISTConfig, name: str = "model", rounds: 
         bytes_per_round_lower_per_worker=per_worker,
         localsgd_bytes_per_round=ring_allreduce_bytes(model_params, world),
         ddp_bytes_per_step=ring_allreduce_bytes(model_params, world),
+        rank_memory=rank_memory(d, config, optimizer_slots),
+        replica_memory=sum(t.numel() for t in state_tensors(model).values()) * FP32_BYTES
+        + sum(p.numel() for p in params.values() if p.requires_grad) * (1 + optimizer_slots) * FP32_BYTES,
     )
 
 

@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from . import checkpoint
 from .accelerate import ISTAccelerator
 from .accounting import ring_allreduce_bytes
+from .init import is_meta, materialize
+from .memory import dataset_tensors, live_tensor_bytes, peak_rss_bytes
 from .faults import ISTPeerFailure, ISTSyncError, peer_failed, peer_failures, record_failure
 from .preflight import check_setup
 from .wiretap import Wiretap
@@ -54,6 +56,9 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     g.add_argument("--min-blocks", type=int, default=0, help="ResIST minimum depth per partitioned stage")
     g.add_argument("--stages", default="longest", help="ResIST stages: longest, all, or e.g. layer3:1-22")
     g.add_argument("--decomposition", choices=DECOMPOSITIONS, default="auto")
+    g.add_argument("--init", choices=("real", "meta"), default="real",
+                   help="meta: build the model on the meta device; IST then materializes only each rank's subnet "
+                        "and owner shard (the baselines materialize the same initial values whole)")
     g.add_argument("--optimizer-state", choices=OPTIMIZER_STATE_POLICIES, default="reset")
     g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="fp32")
     g.add_argument("--no-eval-scaling", action="store_true", help="evaluate without the papers' eval scaling")
@@ -80,6 +85,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every this many steps (0: at the end)")
+    t.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first this many items (0: all)")
     t.add_argument("--log-every", type=int, default=10)
     o = parser.add_argument_group("output")
     o.add_argument("--output-dir", default="out")
@@ -106,11 +112,14 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("local_steps", "batch_size", "eval_batch_size", "grad_accum", "group_size", "log_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "checkpoint_every", "eval_every", "stop_after_steps", "lr_warmup_steps", "min_blocks"):
+    for name in ("max_steps", "checkpoint_every", "eval_every", "stop_after_steps", "lr_warmup_steps", "min_blocks",
+                 "eval_samples"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.epochs <= 0 and args.max_steps == 0:
         raise SystemExit(f"--epochs must be > 0 (or give --max-steps), got {args.epochs}")
+    if args.dense_warmup_epochs and getattr(args, "init", "real") == "meta":
+        raise SystemExit("--dense-warmup-epochs trains the whole model on every rank; it needs --init real")
     if args.dense_warmup_epochs < 0 or (args.dense_warmup_epochs and args.method != "ist"):
         raise SystemExit(f"--dense-warmup-epochs must be >= 0 and needs --method ist, got {args.dense_warmup_epochs} "
                          f"with --method {args.method}")
@@ -313,8 +322,17 @@ def _train(args, accelerator, model, train_set, eval_set) -> dict[str, Any] | No
         tap.uninstall()
 
 
+def model_context(args: argparse.Namespace) -> Any:
+    """Where a recipe builds its model: on the meta device under ``--init meta``."""
+    return torch.device("meta") if getattr(args, "init", "real") == "meta" else contextlib.nullcontext()
+
+
 def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[str, Any] | None:
     set_seed(args.seed)
+    if is_meta(model) and args.method != "ist":  # a baseline holds the whole model: the same initial values
+        model = materialize(model, args.seed)
+    if getattr(args, "eval_samples", 0):
+        eval_set = torch.utils.data.Subset(eval_set, range(min(args.eval_samples, len(eval_set))))
     output = Path(args.output_dir)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -351,7 +369,8 @@ def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[st
         local_sgd._sync_and_avg_model_params = _in_phase(tap, "exchange", local_sgd._sync_and_avg_model_params)
     with tap.phase("train"):
         results = _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
-                        total_steps, batches_per_epoch, local_sgd, model_params, tap)
+                        total_steps, batches_per_epoch, local_sgd, model_params, tap,
+                        dataset_tensors(train_set, eval_set))
     if results is None:
         return None
     with tap.phase("save"):
@@ -390,7 +409,7 @@ def _count_exchanges(tap: Wiretap, accelerator: Accelerator, model: nn.Module) -
 
 
 def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress, total_steps,
-          batches_per_epoch, local_sgd, model_params, tap) -> dict[str, Any] | None:
+          batches_per_epoch, local_sgd, model_params, tap, data_tensors) -> dict[str, Any] | None:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process,
@@ -399,7 +418,7 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
     loss_sum, loss_count, accuracy = 0.0, 0, None
     history: list[dict[str, float]] = []  # accuracy against samples, bytes and seconds, at every evaluation
     eval_time = 0.0
-    state_elements = 0
+    state_elements = live_bytes = state_bytes = 0
     model.train()
     with local_sgd:
         while progress.step < total_steps:
@@ -414,6 +433,9 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
                         accelerator.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
                     if accelerator.sync_gradients:  # gradients exist: the per-worker state at its peak
                         state_elements = max(state_elements, _state_elements(args, accelerator, model, optimizer))
+                        if progress.step + 1 == total_steps and progress.step:  # every buffer and state exists
+                            live_bytes = live_tensor_bytes(exclude=data_tensors)
+                            state_bytes = _state_bytes(args, accelerator, model, optimizer)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -460,6 +482,9 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
     accelerator.log({"eval/accuracy": accuracy}, step=progress.step)
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, state_elements],
                         dtype=torch.float64, device=accelerator.device)
+    per_rank = torch.tensor([peak_rss_bytes(), state_bytes, live_bytes],
+                            dtype=torch.float64, device=accelerator.device)
+    per_rank = accelerator.gather(per_rank).view(-1, 3).tolist()
     peak = accelerator.reduce(peak, "max").tolist()
     if torch.cuda.is_available():
         cuda_peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20], device=accelerator.device)
@@ -468,7 +493,22 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
             "samples_per_worker": progress.batches_seen * args.batch_size,
             "world_size": accelerator.num_processes, "train_seconds": train_seconds, "history": history,
             "peak_rss_mib": peak[0], "peak_state_elements": int(peak[1]),
-            "peak_cuda_mib": peak[2] if len(peak) > 2 else None}
+            "peak_cuda_mib": peak[2] if len(peak) > 2 else None,
+            "peak_rss_bytes": [int(r[0]) for r in per_rank], "state_bytes": [int(r[1]) for r in per_rank],
+            "live_tensor_bytes": [int(r[2]) for r in per_rank]}
+
+
+def _state_bytes(args, accelerator, model, optimizer) -> int:
+    """Bytes of what a worker keeps for training, as the method counts it (IST: everything
+    the engine keeps, :meth:`IST.resident_bytes`; a baseline: parameters, gradients,
+    optimizer state). ``live_tensor_bytes`` beside it is counted from outside."""
+    if args.method == "ist" and accelerator.ist is not None:
+        return sum(accelerator.ist.resident_bytes().values())
+    params = list(model.parameters())
+    n = sum(p.numel() * p.element_size() for p in params)
+    n += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    return n + sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+                   if isinstance(v, torch.Tensor))
 
 
 def _state_elements(args, accelerator, model, optimizer) -> int:

@@ -188,13 +188,19 @@ class ZeroSubnet(SubnetTensors):
         """Optimizer-state elements this rank holds (its ZeRO partition)."""
         return sum(v.numel() for st in self.base.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
 
-    def resident_elements(self) -> int:
-        n = sum(getattr(p, "ds_tensor", p).numel() for p in self.module.parameters())
-        n += sum(b.numel() for b in self.module.buffers())
-        groups = getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None) or getattr(
+    def _resident(self) -> list[torch.Tensor]:
+        """The tensors this rank holds: its parameters (ZeRO-3: its partition), buffers, fp32
+        master partitions (gradients are freed between steps) and optimizer-state partition."""
+        out = [getattr(p, "ds_tensor", p) for p in self.module.parameters()] + list(self.module.buffers())
+        out += getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None) or getattr(
             self.engine.optimizer, "fp32_partitioned_groups_flat", None) or []
-        n += sum(t.numel() for t in groups)  # fp32 master partitions (gradients are freed between steps)
-        return n + self.optimizer_state_elements()
+        return out + [v for st in self.base.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
+
+    def resident_elements(self) -> int:
+        return sum(t.numel() for t in self._resident())
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._resident())
 
 
 def _set_master(param: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:

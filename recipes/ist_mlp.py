@@ -18,7 +18,8 @@ from ist_accel.data import load_image_data, load_mnist
 from ist_accel.models import MLP
 from accelerate.utils import set_seed
 
-from ist_accel.training import add_training_args, check_args, data_errors, finish, setup_logging, train_classifier
+from ist_accel.training import (add_training_args, check_args, data_errors, finish, model_context, setup_logging,
+                                train_classifier)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,8 +48,9 @@ def main() -> None:
         else:
             train_set, eval_set, num_classes, _ = load_image_data(args.data, augment="cifar", cache=args.data_cache)
     in_features = train_set[0][0].numel()
-    model = MLP(in_features, args.hidden, num_classes, norm=None if args.norm == "none" else args.norm,
-                dropout=args.dropout)
+    with model_context(args):  # --init meta: no rank builds the whole model (IST materializes its pieces)
+        model = MLP(in_features, args.hidden, num_classes, norm=None if args.norm == "none" else args.norm,
+                    dropout=args.dropout)
     train_classifier(args, model, train_set, eval_set)
     finish()
 
