@@ -78,6 +78,10 @@ class ISTModel(nn.Module):
         object.__setattr__(self, "ist", ist)  # not a submodule: parameters() are the subnet's
         object.__setattr__(self, "_global_view", None)
         object.__setattr__(self, "_global_stack", None)
+        object.__setattr__(self, "_view_of", None)
+
+    def _engine_state(self) -> tuple[int, int, int]:
+        return (self.ist.round, self.ist.steps, self.ist.loads)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training or self._global_view is None:
@@ -88,7 +92,11 @@ class ISTModel(nn.Module):
         super().train(mode)
         if mode:
             self.release_global()
-        elif self._global_stack is None and self.ist is not None:  # (warm-up: the model is whole)
+            return self
+        if self._global_stack is not None and self.ist is not None and self._view_of != self._engine_state():
+            self.release_global()  # gathered before the engine moved on (a load, a step): not this model
+        if self._global_stack is None and self.ist is not None:  # (warm-up: the model is whole)
+            object.__setattr__(self, "_view_of", self._engine_state())
             object.__setattr__(self, "_eval_started", time.perf_counter())
             stack = contextlib.ExitStack()
             view = stack.enter_context(self.ist.eval_global(dst=None))
@@ -104,6 +112,56 @@ class ISTModel(nn.Module):
             object.__setattr__(self, "_global_stack", None)
             object.__setattr__(self, "_global_view", None)
             self.ist.exclude_from_compute(time.perf_counter() - self._eval_started)  # evaluation is not training
+
+    # ---- what a user (or the Trainer) asks of the model it trained ----------------------
+
+    #: methods of the global model that only read it (its weights may be on the meta device)
+    FORWARDED_METHODS = frozenset({"num_parameters", "floating_point_ops", "estimate_tokens", "can_generate",
+                                   "get_memory_footprint", "create_extended_attention_mask_for_decoder"})
+
+    def __getattr__(self, name: str) -> Any:
+        """``PreTrainedModel`` attributes (``config``, ``generation_config``, ``name_or_path``,
+        ``_keys_to_ignore_on_save`` ...) and read-only methods (:attr:`FORWARDED_METHODS`) of
+        the global model. A method that would act on weights is not forwarded: the global
+        model's are not the trained values."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            ist = self.__dict__.get("ist")
+            if ist is None or name.startswith("__"):
+                raise
+            value = getattr(ist.model_global, name)
+            if callable(value) and not isinstance(value, nn.Module) and name not in self.FORWARDED_METHODS:
+                raise AttributeError(f"ISTModel does not forward {name}() to the global model (it may act on "
+                                     f"weights that are not the trained values): call it on the model before "
+                                     "prepare(), or on accelerator.eval_global()'s model") from None
+            return value
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``generate`` with the global model: after ``.eval()`` (a collective, every rank)."""
+        if self._global_view is None:
+            raise RuntimeError("ISTModel.generate needs the global model: call model.eval() on every rank first "
+                               "(the Trainer's evaluate()/predict() do)")
+        return self._global_view.generate(*args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, export: bool = True,
+                        is_main_process: bool | None = None, **ignored: Any) -> None:
+        """The global model as ``save_pretrained`` writes it, ``config.json`` and
+        ``generation_config.json`` included, but in ``safetensors`` shards written by the
+        subnet groups' leaders with a Hugging Face index (never gathered on one rank).
+        ``export``: fold the evaluation view into the weights (what ``from_pretrained``
+        then scores is what ``.eval()`` scores); ``False`` keeps the raw training values.
+        Every rank calls it."""
+        if self.ist is None:
+            raise RuntimeError("ISTModel.save_pretrained during the data-parallel warm-up: save the whole model "
+                               "with accelerator.save_model")
+        save_sharded(self.ist, save_directory, export=export)
+        if is_main_process is None:
+            is_main_process = self.ist.topology.rank == 0
+        if is_main_process:
+            for part in ("config", "generation_config"):  # what from_pretrained reads beside the weights
+                if getattr(self.ist.model_global, part, None) is not None:
+                    getattr(self.ist.model_global, part).save_pretrained(save_directory)
 
     def save_checkpoint(self, save_dir: str, *args: Any, **kwargs: Any) -> bool:
         """What the HF Trainer asks of a DeepSpeed engine at a checkpoint. A group's engine

@@ -142,6 +142,7 @@ class IST:
         self.guard = RoundGuard(self.transport, config.num_subnets, top.group_index, top.rank, config.nonfinite,
                                 self.device)
         self.steps = self.round = self.round_steps = 0
+        self.loads = 0  # load_state_dict() calls: a view of the global model taken before one is stale
         self.assignment = self.decomposition.assignment(0)
         self._check("set-up")  # another model or config on some rank: ISTAgreementError, never a gloo abort
         self._agree_on_initial_values(model)
@@ -566,7 +567,7 @@ class IST:
             snapshot += sum(v.numel() * v.element_size() for st in state.values() for v in st.values()
                             if isinstance(v, torch.Tensor))
         return {
-            "subnet": self.tensors.resident_bytes() if hasattr(self.tensors, "resident_bytes") else 0,
+            "subnet": self.tensors.resident_bytes(),
             "owner_shards": sum(v.numel() * v.element_size() for v in self.exchange.owners.values.values()),
             "buffers": self.exchange.nbytes(),
             "plans": self._plan.nbytes() if self._plan is not None else 0,
@@ -616,6 +617,7 @@ class IST:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, this run's subnet has "
                                  f"{tuple(live[name].shape)} (another model width or num_subnets?)")
         self.round, self.steps = state["round"], state["steps"]
+        self.loads += 1  # (views of the global model taken before are stale)
         self.round_steps = state.get("round_steps", 0)
         self.assignment = self.decomposition.assignment(self.round)
         self.pieces = self.decomposition.pieces(self.assignment, self.group_index)

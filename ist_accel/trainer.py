@@ -1,24 +1,27 @@
 """IST inside the Hugging Face ``Trainer`` (IST Alg. 1; ResIST Alg. 1 around its loop).
 
-:class:`ISTTrainer` is a thin ``Trainer`` subclass for what a callback cannot reach: it
-builds the Trainer's accelerator as an :class:`~ist_accel.ISTAccelerator` (so
-``accelerator.prepare`` hands the Trainer this rank's subnet and a subnet optimizer, and
-the round runs inside ``optimizer.step()``), makes ``trainer.model`` the prepared
-:class:`~ist_accel.ISTModel` (so ``evaluate()`` scores the averaged global model), saves
-the gathered global model with ``save_pretrained``, and adds each rank's IST state to
-checkpoints (``resume_from_checkpoint`` continues exactly). :class:`ISTCallback` checks the
-arguments at train begin; every log carries the last round's metrics (``report_to="wandb"``
-records them)::
+One line on the ``Trainer`` you have (:class:`ISTCallback`)::
 
-    trainer = ISTTrainer(model=model, args=TrainingArguments(..., use_cpu=True), ist_config=ISTConfig(num_subnets=2,
-                         local_steps=10, decomposition="layers"), train_dataset=train, eval_dataset=test)
+    trainer = Trainer(model=model, args=TrainingArguments(..., use_cpu=True), train_dataset=train,
+                      eval_dataset=test, callbacks=[ISTCallback(ISTConfig(num_subnets=2, local_steps=10))])
     trainer.train(); trainer.evaluate()
+
+The callback makes that Trainer, in place, the IST form of its class: :class:`ISTTrainerMixin`
+in front of it (``ISTTrainer`` = the mixin + ``Trainer`` is the explicit form, the same code).
+The mixin builds the Trainer's accelerator as an :class:`~ist_accel.ISTAccelerator` (so
+``accelerator.prepare`` hands the Trainer this rank's subnet and a subnet optimizer, and the
+round runs inside ``optimizer.step()``), makes ``trainer.model`` the prepared
+:class:`~ist_accel.ISTModel` (so ``evaluate()``/``predict()`` score the averaged global
+model), saves the global model in shards, adds each rank's IST state to checkpoints
+(``resume_from_checkpoint`` continues exactly; ``load_best_model_at_end`` takes up the best
+one's), and adds the last round's metrics to every log (``report_to="wandb"`` records them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import os
@@ -31,7 +34,6 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
 from .accelerate import RANK_STATE, ISTAccelerator, ISTModel, retarget_scheduler
 from .config import ISTConfig
-from .sharded import save_sharded
 from .tracking import round_log
 from .lifecycle import exit_with_parent
 
@@ -39,12 +41,48 @@ logger = logging.getLogger(__name__)
 
 
 class ISTCallback(TrainerCallback):
-    """Checks, at train begin, that checkpoints fall on round ends."""
+    """IST for a ``Trainer`` you already have, in one line::
 
-    def __init__(self, ist_config: ISTConfig) -> None:
+        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test,
+                          callbacks=[ISTCallback(ISTConfig(num_subnets=2, local_steps=10))])
+
+    Transformers hands callbacks no reference to their Trainer, so at ``on_init_end`` the
+    callback takes the ``Trainer`` that is calling it from the stack (the one being built)
+    and makes it, in place, the IST form of its own class (``ISTTrainerMixin`` in front of
+    ``Trainer``, ``Seq2SeqTrainer`` or your subclass): the same code as :class:`ISTTrainer`,
+    not a second implementation. Its accelerator is rebuilt as an ``ISTAccelerator`` before
+    the Trainer builds its optimizer and scheduler, so they are this rank's subnet's. The
+    callback then checks, at train begin, that checkpoints fall on round ends.
+
+    Added later with ``trainer.add_callback`` (after the optimizer could be built over the
+    whole model) it refuses to train rather than let DDP train silently.
+    """
+
+    def __init__(self, ist_config: ISTConfig, example_input: torch.Tensor | None = None) -> None:
+        if not isinstance(ist_config, ISTConfig):
+            raise TypeError(f"ist_config must be an ist_accel.ISTConfig, got {type(ist_config).__name__}")
+        ist_config.validate()
         self.ist_config = ist_config
+        self.example_input = example_input
+        self.trainer: Trainer | None = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = _calling_trainer()
+        if trainer is None:
+            raise RuntimeError("ISTCallback.on_init_end was not called by a Trainer being built: pass the callback "
+                               "as Trainer(..., callbacks=[ISTCallback(ist_config)])")
+        if isinstance(trainer, ISTTrainerMixin):
+            if trainer.ist_config is not self.ist_config:
+                raise ValueError("ISTTrainer got ist_config and an ISTCallback with another ISTConfig; give one of them")
+        else:
+            make_ist(trainer, self.ist_config, self.example_input)
+        self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            raise RuntimeError("ISTCallback was added after the Trainer was built (trainer.add_callback): its "
+                               "optimizer and accelerator are not IST's and it would train plain data-parallel. "
+                               "Pass it as Trainer(..., callbacks=[ISTCallback(ist_config)]) or use ISTTrainer")
         k = self.ist_config.local_steps
         if args.save_strategy == "steps" and args.save_steps and int(args.save_steps) % k:
             raise ValueError(f"save_steps={args.save_steps} must be a multiple of ist_config.local_steps={k}: "
@@ -52,6 +90,39 @@ class ISTCallback(TrainerCallback):
         if state.global_step % k:
             raise ValueError(f"resuming at step {state.global_step}, not a round end (local_steps={k})")
 
+
+def _calling_trainer() -> Trainer | None:
+    """The ``Trainer`` whose method is on the call stack (innermost first)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+@functools.cache
+def ist_class(cls: type) -> type:
+    """``cls`` (a ``Trainer`` subclass) with IST: ``ISTTrainerMixin`` in front of it."""
+    if issubclass(cls, ISTTrainerMixin):
+        return cls
+    return type(f"IST{cls.__name__}", (ISTTrainerMixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def make_ist(trainer: Trainer, ist_config: ISTConfig, example_input: torch.Tensor | None = None) -> Trainer:
+    """Turn a built ``Trainer`` (before ``train()``) into the IST form of its class, in place."""
+    trainer.__class__ = ist_class(type(trainer))
+    trainer._setup_ist(ist_config, example_input, trainer.args)
+    if trainer.is_deepspeed_enabled:  # Accelerate keeps one DeepSpeed plugin per process: let the new one in
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+    trainer.create_accelerator_and_postprocess()  # now an ISTAccelerator (as Trainer.hyperparameter_search does)
+    return trainer
 
 
 def round_metrics(ist: Any) -> dict[str, float]:
@@ -72,24 +143,35 @@ class ISTTrainerMixin:
 
     def __init__(self, *args: Any, ist_config: ISTConfig, example_input: torch.Tensor | None = None,
                  **kwargs: Any) -> None:
-        if not isinstance(ist_config, ISTConfig):
-            raise TypeError(f"ist_config must be an ist_accel.ISTConfig, got {type(ist_config).__name__}")
-        ist_config.validate()
-        ist_config.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
-        exit_with_parent()  # a launched worker ends with its launcher
-        self.ist_config = ist_config
-        self._example_input = example_input
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        self._setup_ist(ist_config, example_input, training_args)
         if training_args is not None:
             # TrainingArguments set up the process group already (with ddp_timeout; under use_cpu with
             # torch's 30-minute gloo default); ISTAccelerator puts sync_timeout on every group
             training_args.ddp_timeout = max(1, math.ceil(ist_config.sync_timeout))
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(c, ISTCallback) for c in self.callback_handler.callbacks):
+            callback = ISTCallback(ist_config)
+            callback.trainer = self
+            self.add_callback(callback)
+
+    def _setup_ist(self, ist_config: ISTConfig, example_input: torch.Tensor | None, training_args: Any) -> None:
+        """What both routes (``ISTTrainer(...)`` and ``ISTCallback``) check and set first."""
+        if not isinstance(ist_config, ISTConfig):
+            raise TypeError(f"ist_config must be an ist_accel.ISTConfig, got {type(ist_config).__name__}")
+        ist_config.validate()
+        ist_config.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
+        if training_args is not None and (getattr(training_args, "fsdp", None) or []):
+            raise ValueError(f"IST with fsdp={training_args.fsdp!r}: FSDP shards every layer across all ranks and "
+                             "communicates every step; IST keeps a subnet per group (DeepSpeed ZeRO may shard "
+                             "inside a group: TrainingArguments(deepspeed=...))")
+        exit_with_parent()  # a launched worker ends with its launcher
+        self.ist_config = ist_config
+        self._example_input = example_input
         if training_args is not None and getattr(training_args, "average_tokens_across_devices", False):
             # an all-reduce per step across every rank: IST's groups train apart between rounds
             training_args.average_tokens_across_devices = False
-            logger.info("ISTTrainer: average_tokens_across_devices set to False (no communication between rounds)")
-        super().__init__(*args, **kwargs)
-        self.add_callback(ISTCallback(ist_config))
+            logger.info("IST: average_tokens_across_devices set to False (no communication between rounds)")
 
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's own accelerator set-up, with ISTAccelerator in place of Accelerator."""
@@ -153,14 +235,11 @@ class ISTTrainerMixin:
         if not isinstance(self.model, ISTModel):
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        ist = self.accelerator.ist
         # a collective: each group's leader writes its shard (Hugging Face layout, an index beside)
-        save_sharded(ist, output_dir, export=not getattr(self, "_in_checkpoint", False))
+        self.model.save_pretrained(output_dir, export=not getattr(self, "_in_checkpoint", False),
+                                   is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
-        for part in ("config", "generation_config"):  # what from_pretrained reads beside the weights
-            if getattr(ist.model_global, part, None) is not None:
-                getattr(ist.model_global, part).save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -182,15 +261,29 @@ class ISTTrainerMixin:
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self.accelerator.ist is None:
-            return
+        if checkpoint is not None and self.accelerator.ist is not None:
+            self._load_rank_state(checkpoint)
+
+    def _load_rank_state(self, checkpoint: str) -> None:
         path = Path(checkpoint) / RANK_STATE.format(rank=self.accelerator.process_index)
         if not path.is_file():
             raise FileNotFoundError(f"{checkpoint} has no {path.name}: not an ISTTrainer checkpoint of this world size")
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.accelerator.check_rank_state(state, path)  # another model's shapes: named, before loading
         self.accelerator.ist.load_state_dict(state)
+        if isinstance(self.model, ISTModel):
+            self.model.release_global()  # a global view gathered before the load is not this model
         logger.info("ISTTrainer: resumed round %d (step %d)", self.accelerator.ist.round, self.accelerator.ist.steps)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: every rank takes up its IST state (subnet, owner
+        shards, round) from the best checkpoint, so the global model is the one that scored
+        best (and ``save_model`` after it writes that one)."""
+        if not isinstance(self.model, ISTModel) or self.accelerator.ist is None:
+            return super()._load_best_model()  # type: ignore[misc]
+        logger.info("IST: loading the best model from %s (score %s)", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        self._load_rank_state(self.state.best_model_checkpoint)
 
     @contextlib.contextmanager
     def global_model(self):

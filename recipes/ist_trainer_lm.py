@@ -25,7 +25,7 @@ import torch.distributed as dist
 import transformers
 
 from ist_accel import ISTConfig
-from ist_accel.trainer import ISTTrainer
+from ist_accel.trainer import ISTCallback
 from ist_accel.training import check_output_dir, finish, setup_logging
 
 TINY = {
@@ -138,7 +138,7 @@ def blocks(tokenizer, texts: list[str], size: int) -> list[dict]:
     return [{"input_ids": r, "labels": r} for r in rows]
 
 
-def perplexity(trainer: ISTTrainer, dataset: list[dict], batch_size: int) -> float:
+def perplexity(trainer: transformers.Trainer, dataset: list[dict], batch_size: int) -> float:
     """exp(mean next-token loss) of the global model in its evaluation view, the eval
     blocks sharded over ranks (a collective: every rank calls it)."""
     rank, world = trainer.args.process_index, trainer.args.world_size
@@ -195,8 +195,8 @@ def main() -> None:
         eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps or None,
         dataloader_drop_last=True, deepspeed=args.deepspeed)
     model_params = sum(p.numel() for p in model.parameters())
-    trainer = ISTTrainer(model=model, args=training_args, ist_config=config(args), train_dataset=train_set,
-                         eval_dataset=eval_set, processing_class=tokenizer)
+    trainer = transformers.Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                                   processing_class=tokenizer, callbacks=[ISTCallback(config(args))])  # IST: one line
     initial = perplexity(trainer, eval_set, args.batch_size)
     resume = args.resume
     if resume == "auto":

@@ -59,24 +59,28 @@ def reference(S, G, policy, decomposition, linear=False):
     return model, ref.decomposition
 
 
-TRAINER_CASES = [(2, 1, "reset", "layers", "linear", 0), (2, 1, "carry", "heads", "constant", 0),
-                 (2, 2, "reset", "layers", "constant", 0),
+# route: ISTTrainer(ist_config=...) or the user's own Trainer subclass + callbacks=[ISTCallback(...)]
+# (the same code; each layout, policy and ZeRO stage is covered by one route, both routes by both)
+TRAINER_CASES = [(2, 1, "reset", "layers", "linear", 0, "callback"), (2, 1, "carry", "heads", "constant", 0, "trainer"),
+                 (2, 2, "reset", "layers", "constant", 0, "callback"),
                  # TrainingArguments(deepspeed=...): ZeRO inside each group of 2, IST across the 2 groups
-                 (2, 2, "reset", "layers", "linear", 2), (2, 2, "carry", "heads", "constant", 3)]
+                 (2, 2, "reset", "layers", "linear", 2, "callback"), (2, 2, "carry", "heads", "constant", 3, "trainer")]
 
 
-@pytest.mark.parametrize("S,G,policy,decomposition,scheduler,zero", TRAINER_CASES,
-                         ids=[f"S{s}xG{g}-{p}-{d}-{sch}" + (f"-zero{z}" if z else "") for s, g, p, d, sch, z in TRAINER_CASES])
-def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, scheduler, zero, request):
+@pytest.mark.parametrize("S,G,policy,decomposition,scheduler,zero,route", TRAINER_CASES,
+                         ids=[f"S{s}xG{g}-{p}-{d}-{sch}" + (f"-zero{z}" if z else "") + f"-{r}"
+                              for s, g, p, d, sch, z, r in TRAINER_CASES])
+def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, scheduler, zero, route, request):
     if zero:
         request.getfixturevalue("deepspeed_cpu_comm_op")
     proc = torchrun("trainer_worker.py", S * G, ["--num-subnets", str(S), "--group-size", str(G), "--policy", policy,
                                                 "--decomposition", decomposition, "--lr-scheduler", scheduler,
-                                                "--zero-stage", str(zero), "--out", str(tmp_path)],
+                                                "--zero-stage", str(zero), "--route", route, "--out", str(tmp_path)],
                     timeout=600, env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
     assert (tmp_path / "result.json").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["rounds"], result["steps"]) == (STEPS // LOCAL, STEPS)  # accumulation counts optimizer steps
+    assert result["trainer_class"] == "ISTInOrder"  # the callback made InOrder the IST form of its own class
     got = load_folder(tmp_path / "final")
     expected, d = reference(S, G, policy, decomposition, linear=scheduler == "linear")
     for key, value in d.export_state(expected.state_dict()).items():  # save_model exports the evaluated model
@@ -97,13 +101,16 @@ def test_trainer_matches_reference(tmp_path, S, G, policy, decomposition, schedu
 def test_save_steps_and_resume_from_checkpoint_continue_exactly(tmp_path, zero, request):
     """Checkpoints every round (save_steps = local_steps); a second run resumed from the
     step-4 checkpoint ends with the parameters of the first; W&B (offline) gets IST metrics.
-    With DeepSpeed (ZeRO-2, G=1) the Trainer's engine checkpoint is replaced by IST's state."""
+    With DeepSpeed (ZeRO-2, G=1) the Trainer's engine checkpoint is replaced by IST's state.
+    Without: the first run is a plain Trainer with ISTCallback, the resumed one ISTTrainer
+    (one checkpoint format for both routes)."""
     if zero:
         request.getfixturevalue("deepspeed_cpu_comm_op")
     common = ["--policy", "carry", "--decomposition", "heads", "--save-steps", "2", "--lr-scheduler", "linear",
               "--zero-stage", str(zero)]
     env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
-    first = torchrun("trainer_worker.py", 2, [*common, "--report-to", "wandb", "--out", str(tmp_path / "a")], env=env)
+    first = torchrun("trainer_worker.py", 2, [*common, "--report-to", "wandb", "--route",
+                                              "trainer" if zero else "callback", "--out", str(tmp_path / "a")], env=env)
     assert (tmp_path / "a" / "result.json").exists(), first.stderr[-5000:]
     checkpoint = tmp_path / "a" / "checkpoint-4"
     assert {p.name for p in checkpoint.glob("ist_rank*.pt")} == {"ist_rank0.pt", "ist_rank1.pt"}
@@ -118,13 +125,32 @@ def test_save_steps_and_resume_from_checkpoint_continue_exactly(tmp_path, zero, 
     assert (result["rounds"], result["steps"]) == (3, 6)
 
 
-def test_seq2seq_trainer_trains_t5_layers(tmp_path):
+def test_seq2seq_trainer_with_the_callback_trains_t5_layers_and_generates(tmp_path):
     proc = torchrun("seq2seq_worker.py", 2, ["--out", str(tmp_path)], env={"HF_HUB_OFFLINE": "1"})
     assert (tmp_path / "result.json").exists(), proc.stderr[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["rounds"] == 5 and result["eval_loss"] < result["first_loss"]
+    assert result["trainer_class"] == "ISTSeq2SeqTrainer"  # a plain Seq2SeqTrainer, made IST by ISTCallback
+    assert result["predictions_shape"][0] == 16 and result["predictions_shape"][1] >= 2  # generated token ids
+    assert result["predict_loss"] > 0
 
 
 def test_save_steps_off_the_round_end_is_refused(tmp_path):
     proc = torchrun("trainer_worker.py", 2, ["--save-steps", "3", "--out", str(tmp_path)], env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0 and "save_steps=3 must be a multiple of ist_config.local_steps=2" in proc.stderr
+
+
+def test_callback_added_after_the_trainer_was_built_refuses_to_train(tmp_path):
+    """trainer.add_callback(ISTCallback(...)) comes too late (the accelerator is not IST's):
+    train() stops with a message naming the fix, instead of training plain DDP."""
+    from transformers import Trainer, TrainingArguments
+
+    from ist_accel import ISTCallback
+
+    trainer = Trainer(model=make_model("gpt2"), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                       max_steps=2, report_to="none"),
+                      train_dataset=token_set(8, 1))
+    trainer.add_callback(ISTCallback(ISTConfig(num_subnets=2, local_steps=2, decomposition="layers")))
+    with pytest.raises(RuntimeError, match=r"added after the Trainer was built.*callbacks=\[ISTCallback"):
+        trainer.train()
+    assert trainer.state.global_step == 0

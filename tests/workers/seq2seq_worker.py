@@ -1,5 +1,6 @@
-"""ISTSeq2SeqTrainer on a tiny T5 (layer-wise IST over encoder and decoder blocks): learn to
-copy short token sequences; report the first logged loss and the final eval loss."""
+"""A plain Seq2SeqTrainer with ISTCallback on a tiny T5 (layer-wise IST over encoder and decoder blocks): learn to
+copy short token sequences; report the first logged loss, the final eval loss, and
+predict() with generation (the global model's generate)."""
 
 import argparse
 import json
@@ -9,8 +10,7 @@ import sys
 import torch
 import transformers
 
-from ist_accel import ISTConfig
-from ist_accel.trainer import ISTSeq2SeqTrainer
+from ist_accel import ISTCallback, ISTConfig
 
 
 def copy_task(n: int, seed: int) -> list[dict]:
@@ -31,16 +31,19 @@ def main() -> None:
     training_args = transformers.Seq2SeqTrainingArguments(
         output_dir=args.out, per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=50,
         learning_rate=3e-3, use_cpu=True, report_to="none", logging_steps=10, save_strategy="no", seed=0,
-        disable_tqdm=True, predict_with_generate=False)
-    trainer = ISTSeq2SeqTrainer(model=model, args=training_args, train_dataset=copy_task(800, 1),
-                                eval_dataset=copy_task(64, 2),
-                                ist_config=ISTConfig(num_subnets=2, local_steps=10, decomposition="layers", stages="all"))
+        disable_tqdm=True, predict_with_generate=True)
+    config = ISTConfig(num_subnets=2, local_steps=10, decomposition="layers", stages="all")
+    trainer = transformers.Seq2SeqTrainer(model=model, args=training_args, train_dataset=copy_task(800, 1),
+                                          eval_dataset=copy_task(64, 2), callbacks=[ISTCallback(config)])
     trainer.train()
     metrics = trainer.evaluate()
+    predicted = trainer.predict(copy_task(16, 3))  # model.generate: the global model's
     if trainer.args.process_index == 0:
         first = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
         with open(os.path.join(args.out, "result.json"), "w") as f:
-            json.dump({"eval_loss": metrics["eval_loss"], "first_loss": first, "rounds": trainer.ist.round}, f)
+            json.dump({"eval_loss": metrics["eval_loss"], "first_loss": first, "rounds": trainer.ist.round,
+                       "trainer_class": type(trainer).__name__, "predictions_shape": list(predicted.predictions.shape),
+                       "predict_loss": predicted.metrics["test_loss"]}, f)
     trainer.accelerator.wait_for_everyone()
     sys.stdout.flush()
     os._exit(0)

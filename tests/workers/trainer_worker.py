@@ -8,13 +8,13 @@ import sys
 
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import make_model  # noqa: E402
 
 from ist_accel import ISTConfig  # noqa: E402
-from ist_accel.trainer import ISTTrainer  # noqa: E402
+from ist_accel import ISTCallback, ISTTrainer  # noqa: E402
 
 BATCH, VOCAB, LENGTH = 4, 31, 10
 
@@ -25,11 +25,18 @@ def token_set(n: int, seed: int) -> list[dict]:
     return [{"input_ids": r, "labels": r} for r in rows]
 
 
-class InOrder(ISTTrainer):
-    """Reads the training set in order, so the test knows every rank's batches."""
+class InOrder(Trainer):
+    """A user's own Trainer subclass: reads the training set in order, so the test knows
+    every rank's batches. ``--route callback`` adds IST to it with ISTCallback."""
 
     def _get_train_sampler(self, *args, **kwargs):
         return SequentialSampler(self.train_dataset)
+
+
+class ISTInOrder(ISTTrainer):
+    """The same with ISTTrainer (``--route trainer``)."""
+
+    _get_train_sampler = InOrder._get_train_sampler
 
 
 def main() -> None:
@@ -46,6 +53,8 @@ def main() -> None:
     ap.add_argument("--report-to", default="none")
     ap.add_argument("--lr-scheduler", default="constant")
     ap.add_argument("--zero-stage", type=int, default=0, help="DeepSpeed ZeRO stage inside each group (0: none)")
+    ap.add_argument("--route", choices=["trainer", "callback"], default="trainer",
+                    help="ISTTrainer(ist_config=...) or a plain Trainer subclass with callbacks=[ISTCallback(...)]")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -63,16 +72,20 @@ def main() -> None:
         if args.zero_stage else None)
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                        optimizer_state=args.policy, decomposition=args.decomposition, seed=5)
-    trainer = InOrder(model=make_model("gpt2"), args=training_args, ist_config=config,
-                      train_dataset=token_set(args.steps * args.accum * BATCH * world, 1),
-                      eval_dataset=token_set(4 * BATCH * world, 2))
+    data = {"train_dataset": token_set(args.steps * args.accum * BATCH * world, 1),
+            "eval_dataset": token_set(4 * BATCH * world, 2)}
+    if args.route == "callback":
+        trainer = InOrder(model=make_model("gpt2"), args=training_args, callbacks=[ISTCallback(config)], **data)
+    else:
+        trainer = ISTInOrder(model=make_model("gpt2"), args=training_args, ist_config=config, **data)
     trainer.train(resume_from_checkpoint=args.resume)
     metrics = trainer.evaluate()
     trainer.save_model(os.path.join(args.out, "final"))
     if trainer.args.process_index == 0:
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump({"eval_loss": metrics["eval_loss"], "log_history": trainer.state.log_history,
-                       "rounds": trainer.ist.round, "steps": trainer.ist.steps}, f)
+                       "rounds": trainer.ist.round, "steps": trainer.ist.steps,
+                       "trainer_class": type(trainer).__name__}, f)
     trainer.accelerator.wait_for_everyone()
     sys.stdout.flush()
     os._exit(0)
