@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 WORKERS = Path(__file__).parent / "workers"
@@ -17,12 +19,110 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: str, nproc: int, args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(script: str, nproc: int, args: list[str], timeout: float = 300, env: dict | None = None,
+             real: bool = False) -> subprocess.CompletedProcess:
+    """Run ``tests/workers/<script>`` on ``nproc`` gloo ranks. The ranks are forked from the
+    warm zygote (``tests/zygote.py``) with torchrun's environment; ``real=True``, an ``env``
+    that sets what the zygote has fixed, or ``IST_TEST_LAUNCHER=torchrun`` use torchrun itself."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not real and os.environ.get("IST_TEST_LAUNCHER", "zygote") == "zygote" and _zygote_can_run(env or {}):
+        return _Zygote.get().run(WORKERS / script, nproc, args, env or {}, timeout)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(WORKERS / script), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    return proc
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def _zygote_can_run(env: dict) -> bool:
+    from zygote import FIXED_ENV
+
+    return all(FIXED_ENV.get(key, value) == value for key, value in env.items())
+
+
+class _Zygote:
+    """The session's one warm parent process; started at the first run, ended with pytest."""
+
+    _instance: "_Zygote | None" = None
+
+    @classmethod
+    def get(cls) -> "_Zygote":
+        if cls._instance is None or cls._instance.proc.poll() is not None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self) -> None:
+        import atexit
+        import json
+
+        self._json = json
+        read, write = os.pipe()
+        self.log = tempfile.TemporaryDirectory(prefix="zygote-")
+        self.stderr = open(Path(self.log.name) / "zygote.stderr", "w")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "zygote.py"), str(write)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                     pass_fds=(write,), text=True, env={**os.environ, **self._fixed()})
+        os.close(write)
+        self.answers, self.pending = read, b""
+        if not self._read(timeout=300).get("ready"):
+            raise RuntimeError("the test zygote did not start: " + (Path(self.log.name) / "zygote.stderr").read_text())
+        atexit.register(self.close)
+
+    @staticmethod
+    def _fixed() -> dict:
+        from zygote import FIXED_ENV
+
+        return FIXED_ENV
+
+    def _read(self, timeout: float | None) -> dict:
+        """The next answer line (raw reads: a buffered file would hide a second line from select)."""
+        import select
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.answers], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.answers, 65536)
+            if not chunk:
+                raise RuntimeError("the test zygote died: " + (Path(self.log.name) / "zygote.stderr").read_text()[-3000:])
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return self._json.loads(line)
+
+    def run(self, script: Path, nproc: int, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        logs = tempfile.mkdtemp(dir=self.log.name)
+        request = {"script": str(script), "args": [str(a) for a in args], "nproc": nproc, "env": env,
+                   "cwd": os.getcwd(), "logs": logs}
+        self.proc.stdin.write(self._json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        pids = self._read(timeout=60)["pids"]
+        try:
+            codes = self._read(timeout=timeout)["returncodes"]
+        except TimeoutError:
+            for pid in pids:
+                try:
+                    os.killpg(pid, 9)
+                except ProcessLookupError:
+                    pass
+            self._read(timeout=60)
+            raise subprocess.TimeoutExpired([str(script), *args], timeout, self._joined(logs, nproc, "stdout"),
+                                            self._joined(logs, nproc, "stderr")) from None
+        failed = [c for c in codes if c != 0]
+        return subprocess.CompletedProcess([str(script), *args], failed[0] if failed else 0,
+                                           self._joined(logs, nproc, "stdout"), self._joined(logs, nproc, "stderr"))
+
+    @staticmethod
+    def _joined(logs: str, nproc: int, stream: str) -> str:
+        return "".join(Path(logs, f"rank{r}.{stream}").read_text(errors="replace") for r in range(nproc))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.stderr.close()
+        self.log.cleanup()
 
 
 ROOT = Path(__file__).resolve().parent.parent
