@@ -19,14 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: str, nproc: int, args: list[str], timeout: float = 300, env: dict | None = None,
+def torchrun(script: str | Path, nproc: int, args: list[str], timeout: float = 300, env: dict | None = None,
              real: bool = False) -> subprocess.CompletedProcess:
-    """Run ``tests/workers/<script>`` on ``nproc`` gloo ranks. The ranks are forked from the
+    """Run ``tests/workers/<script>`` (or the script at an absolute path) on ``nproc`` gloo ranks. The ranks are forked from the
     warm zygote (``tests/zygote.py``) with torchrun's environment; ``real=True``, an ``env``
     that sets what the zygote has fixed, or ``IST_TEST_LAUNCHER=torchrun`` use torchrun itself."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if not real and os.environ.get("IST_TEST_LAUNCHER", "zygote") == "zygote" and _zygote_can_run(env or {}):
-        return _Zygote.get().run(WORKERS / script, nproc, args, env or {}, timeout)
+        return _Zygote.get().run("torchrun", WORKERS / script, nproc, args, env or {}, timeout)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(WORKERS / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
@@ -88,31 +88,32 @@ class _Zygote:
         line, self.pending = self.pending.split(b"\n", 1)
         return self._json.loads(line)
 
-    def run(self, script: Path, nproc: int, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, launcher: str, script: Path, nproc: int, args: list[str], env: dict,
+            timeout: float) -> subprocess.CompletedProcess:
         logs = tempfile.mkdtemp(dir=self.log.name)
-        request = {"script": str(script), "args": [str(a) for a in args], "nproc": nproc, "env": env,
-                   "cwd": os.getcwd(), "logs": logs}
+        request = {"launcher": launcher, "script": str(script), "args": [str(a) for a in args], "nproc": nproc,
+                   "env": env, "cwd": str(ROOT if launcher == "accelerate" else os.getcwd()), "logs": logs}
         self.proc.stdin.write(self._json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        pids = self._read(timeout=60)["pids"]
+        pid = self._read(timeout=60)["pid"]
+        cmd = [launcher, str(script), *request["args"]]
         try:
-            codes = self._read(timeout=timeout)["returncodes"]
+            code = self._read(timeout=timeout)["returncode"]
         except TimeoutError:
-            for pid in pids:
-                try:
-                    os.killpg(pid, 9)
-                except ProcessLookupError:
-                    pass
+            try:
+                os.killpg(pid, 9)
+            except ProcessLookupError:
+                pass
             self._read(timeout=60)
-            raise subprocess.TimeoutExpired([str(script), *args], timeout, self._joined(logs, nproc, "stdout"),
-                                            self._joined(logs, nproc, "stderr")) from None
-        failed = [c for c in codes if c != 0]
-        return subprocess.CompletedProcess([str(script), *args], failed[0] if failed else 0,
-                                           self._joined(logs, nproc, "stdout"), self._joined(logs, nproc, "stderr"))
+            raise subprocess.TimeoutExpired(cmd, timeout, self._joined(logs, "stdout"),
+                                            self._joined(logs, "stderr")) from None
+        return subprocess.CompletedProcess(cmd, code, self._joined(logs, "stdout"), self._joined(logs, "stderr"))
 
     @staticmethod
-    def _joined(logs: str, nproc: int, stream: str) -> str:
-        return "".join(Path(logs, f"rank{r}.{stream}").read_text(errors="replace") for r in range(nproc))
+    def _joined(logs: str, stream: str) -> str:
+        files = [Path(logs, f"launcher.{stream}"), *sorted(Path(logs).glob(f"rank*.{stream}"),
+                                                           key=lambda p: int(p.name[4:].split(".")[0]))]
+        return "".join(f.read_text(errors="replace") for f in files if f.exists())
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -130,11 +131,16 @@ CPU_CONFIG = ROOT / "launch_configs" / "cpu.yaml"
 
 
 def accelerate_launch(script: str | Path, nproc: int, args: list[str], timeout: float = 900,
-                      env: dict | None = None, config: Path = CPU_CONFIG) -> subprocess.CompletedProcess:
+                      env: dict | None = None, config: Path = CPU_CONFIG, real: bool = False) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file launch_configs/cpu.yaml`` (or ``config``) with N processes,
-    as a user runs it."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--num_processes", str(nproc), "--main_process_port", str(free_port()), str(script), *args]
+    as a user runs it. ``real=True`` (or ``IST_TEST_LAUNCHER=torchrun``) starts the ``accelerate``
+    command itself; otherwise Accelerate's launch command runs in the warm zygote and only the
+    ranks' start is a fork (tests/zygote.py)."""
+    launch_args = ["--config_file", str(config), "--num_processes", str(nproc), "--main_process_port",
+                   str(free_port()), str(script), *[str(a) for a in args]]
+    if not real and os.environ.get("IST_TEST_LAUNCHER", "zygote") == "zygote" and _zygote_can_run(env or {}):
+        return _Zygote.get().run("accelerate", Path(script), nproc, launch_args, env or {}, timeout)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
                 "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import ROOT, free_port  # noqa: E402
+from launch import ROOT, free_port, torchrun  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "ist_trainer_lm.py"
 
@@ -29,12 +29,18 @@ def write_corpus(path: Path, sentences: int, seed: int) -> Path:
     return path
 
 
-def run(tmp_path, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(RECIPE), "--train-file", str(write_corpus(tmp_path / "train.txt", 3000, 0)),
-           "--eval-file", str(write_corpus(tmp_path / "eval.txt", 300, 1)), "--output-dir", str(tmp_path / "out"), *args]
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+def run(tmp_path, *args, real: bool = False):
+    """The recipe on 2 ranks; ``real``: through the torchrun command with a bare environment,
+    as a user launches it, otherwise forked from the tests' warm zygote (tests/zygote.py)."""
+    args = ["--train-file", str(write_corpus(tmp_path / "train.txt", 3000, 0)),
+            "--eval-file", str(write_corpus(tmp_path / "eval.txt", 300, 1)), "--output-dir", str(tmp_path / "out"), *args]
+    if real:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(RECIPE), *args]
+        env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    else:
+        proc = torchrun(RECIPE, 2, args, timeout=900)
     results = tmp_path / "out" / "results.json"
     assert results.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(results.read_text())
@@ -43,7 +49,8 @@ def run(tmp_path, *args):
 @pytest.mark.parametrize("model,decomposition,steps", [("gpt2-tiny", "layers", 100), ("llama-tiny", "heads", 60),
                                                        ("gpt2-tiny", "ffn", 60)])
 def test_perplexity_falls_well_below_its_start(tmp_path, model, decomposition, steps):
-    r = run(tmp_path, "--model-config", model, "--decomposition", decomposition, "--max-steps", str(steps))
+    r = run(tmp_path, "--model-config", model, "--decomposition", decomposition, "--max-steps", str(steps),
+            real=decomposition == "layers")
     assert r["steps"] == steps and r["rounds"] == steps // 10
     assert r["initial_perplexity"] > 100  # bytes: about uniform over 259 tokens at the start
     assert r["final_perplexity"] < 0.1 * r["initial_perplexity"], r

@@ -95,7 +95,7 @@ def test_recipe_under_the_deepspeed_launch_config_resumes_exactly(tmp_path, deep
     common = ["--data", str(MNIST), "--hidden", "64", "64", "--num-subnets", "2", "--group-size", "2",
               "--max-steps", "40", "--local-steps", "10", "--checkpoint-every", "20", "--eval-every", "20",
               "--optimizer-state", "carry"]
-    whole = launch("ist_mlp.py", common, tmp_path / "whole", nproc=4, config=config)
+    whole = launch("ist_mlp.py", common, tmp_path / "whole", nproc=4, config=config, real=True)  # the command itself
     assert (whole["steps"], whole["rounds"], whole["world_size"]) == (40, 4, 4)
     assert whole["final_accuracy"] > 0.5 and whole["bytes_sent_per_worker"] <= 1.10 * whole["bytes_lower_per_worker"]
     proc = accelerate_launch(RECIPES / "ist_mlp.py", 4, [*common, "--output-dir", str(tmp_path / "cut"),

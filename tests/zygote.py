@@ -1,11 +1,13 @@
 """A warm parent for the tests' multi-process runs (issue 18).
 
 On 2 cores each rank of a run spent 5-13 s importing torch, transformers, accelerate and
-deepspeed before doing anything; the suite launched ~60 such runs. This process imports
+deepspeed before doing anything; the suite launched ~90 such runs. This process imports
 those libraries once and then forks every run's ranks from itself, each with the environment
 torchrun gives a rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_RUN_ID,
 ...). A rank runs the worker script as ``__main__`` exactly as torchrun would, and the run
-ends as torchrun ends one: when a rank fails, the others are terminated.
+ends as torchrun ends one: when a rank fails, the others are terminated. A run "launched
+with ``accelerate launch``" runs Accelerate's own launch command (config file, environment
+it gives the ranks); only the final ``torch.distributed.run.run`` is this fork.
 
 Nothing of ist_accel is imported here: it reads ``IST_FAULT`` and other settings from the
 environment at import time, so every rank imports it fresh, under its own environment.
@@ -13,9 +15,11 @@ Only variables that the libraries imported here read at import time are fixed fo
 life of the zygote (``FIXED_ENV``); a run asking for other values of them is launched by
 the real torchrun instead (``tests/launch.py``).
 
-Protocol: one JSON request per line on stdin, ``{"script", "args", "nproc", "env", "cwd",
-"logs"}``; the answer, on the descriptor given as argv[1], is first ``{"pids": [...]}`` and
-then ``{"returncodes": [...]}`` once every rank has ended.
+Protocol: one JSON request per line on stdin, ``{"launcher": "torchrun" | "accelerate",
+"script", "args", "nproc", "env", "cwd", "logs"}`` (for Accelerate, ``args`` are the launch
+command's); the answer, on the descriptor given as argv[1], is first ``{"pid"}`` of the
+run's launcher (the leader of its process group) and then its ``{"returncode"}``. Output
+lands in ``logs``: ``launcher.stdout``, ``rank0.stderr``, ...
 """
 
 import json
@@ -39,6 +43,7 @@ def warm_up() -> None:
     import torch.distributed  # noqa: F401
     import torch.distributed.run  # noqa: F401
     import accelerate  # noqa: F401
+    import accelerate.commands.launch  # noqa: F401
     import transformers
 
     transformers.Trainer, transformers.Seq2SeqTrainer, transformers.GPT2LMHeadModel  # noqa: B018 (lazy modules)
@@ -64,47 +69,99 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_rank(request: dict, rank: int, port: int) -> None:
-    """In the forked child: become rank ``rank`` and run the script; never returns."""
+def run_rank(script: str, args: list[str], rank: int, nproc: int, port: int, logs: str) -> None:
+    """In a forked child: become rank ``rank`` of the run and execute the script; never returns."""
     code = 1
     try:
-        os.setpgid(0, 0)  # the rank and whatever it starts can be killed as one group
-        nproc = request["nproc"]
-        logs = request["logs"]
-        out = os.open(os.path.join(logs, f"rank{rank}.stdout"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        err = os.open(os.path.join(logs, f"rank{rank}.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        os.environ.update(request["env"])
+        _redirect(logs, f"rank{rank}")
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
                            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "ROLE_WORLD_SIZE": str(nproc),
                            "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": f"zygote-{port}",
                            "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0"})
-        os.chdir(request["cwd"])
-        script = request["script"]
-        sys.argv = [script, *request["args"]]
+        sys.argv = [script, *args]
         sys.path[0] = os.path.dirname(os.path.abspath(script))
         runpy.run_path(script, run_name="__main__")
         code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
+        code = _exit_code(e)
     except BaseException:
         traceback.print_exc()
-        code = 1
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        _end(code)
+
+
+def fork_ranks(script: str, args: list[str], nproc: int, port: int, logs: str) -> None:
+    """What torchrun does for one node, by fork: start the ranks, wait, and when one fails stop
+    the others (SIGTERM, then SIGKILL after 10 s) and fail as torchrun does (exit 1)."""
+    pids = []
+    for rank in range(nproc):
+        pid = os.fork()
+        if pid == 0:
+            run_rank(script, args, rank, nproc, port, logs)
+        pids.append(pid)
+    codes = wait_all(pids)
+    if any(codes):
+        failed = ", ".join(f"rank {r} (exit {c})" for r, c in enumerate(codes) if c)
+        print(f"zygote launcher: {script} failed on {failed}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def run_launcher(request: dict) -> None:
+    """In a forked child: launch one run as ``torchrun`` or as ``accelerate launch`` would;
+    never returns. For Accelerate, its own ``launch`` command runs (config file, environment,
+    DeepSpeed fields) and only its final ``torch.distributed.run.run`` is replaced by fork_ranks."""
+    code = 1
+    try:
+        os.setpgid(0, 0)  # the launcher, its ranks and whatever they start: one group to kill
+        _redirect(request["logs"], "launcher")
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        if request["launcher"] == "torchrun":
+            fork_ranks(request["script"], request["args"], request["nproc"], free_port(), request["logs"])
+        else:
+            import torch.distributed.run as distrib_run
+            from accelerate.commands import launch
+
+            def run(args) -> None:
+                fork_ranks(args.training_script, list(args.training_script_args), int(args.nproc_per_node),
+                           int(args.master_port or free_port()), request["logs"])
+
+            distrib_run.run = run
+            sys.argv = ["accelerate-launch", *request["args"]]
+            launch.main()
+        code = 0
+    except SystemExit as e:
+        code = _exit_code(e)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        _end(code)
+
+
+def _redirect(logs: str, name: str) -> None:
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for fd, stream in ((1, "stdout"), (2, "stderr")):
+        os.dup2(os.open(os.path.join(logs, f"{name}.{stream}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+
+
+def _exit_code(e: SystemExit) -> int:
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def _end(code: int) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def wait_all(pids: list[int]) -> list[int]:
-    """torchrun's rule: when a rank fails, the others get SIGTERM, then SIGKILL after 10 s."""
+    """Exit codes of ``pids``, in order; when one fails, the others get SIGTERM, then SIGKILL after 10 s."""
     codes: dict[int, int] = {}
     deadline = None
     while len(codes) < len(pids):
@@ -113,7 +170,7 @@ def wait_all(pids: list[int]) -> list[int]:
             if deadline is not None and time.monotonic() > deadline:
                 for p in pids:
                     if p not in codes:
-                        _signal_group(p, signal.SIGKILL)
+                        _signal(p, signal.SIGKILL)
                 deadline = None
             time.sleep(0.02)
             continue
@@ -123,14 +180,14 @@ def wait_all(pids: list[int]) -> list[int]:
         if codes[pid] != 0 and deadline is None and len(codes) < len(pids):
             for p in pids:
                 if p not in codes:
-                    _signal_group(p, signal.SIGTERM)
+                    _signal(p, signal.SIGTERM)
             deadline = time.monotonic() + 10
     return [codes[p] for p in pids]
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def _signal(pid: int, sig: int) -> None:
     try:
-        os.killpg(pid, sig)
+        os.kill(pid, sig)
     except ProcessLookupError:
         pass
 
@@ -142,16 +199,13 @@ def main() -> None:
     answers.write(json.dumps({"ready": os.getpid()}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
-        port = free_port()
-        pids = []
-        for rank in range(request["nproc"]):
-            pid = os.fork()
-            if pid == 0:
-                answers.close()
-                run_rank(request, rank, port)
-            pids.append(pid)
-        answers.write(json.dumps({"pids": pids}) + "\n")
-        answers.write(json.dumps({"returncodes": wait_all(pids)}) + "\n")
+        pid = os.fork()
+        if pid == 0:
+            answers.close()
+            run_launcher(request)
+        answers.write(json.dumps({"pid": pid}) + "\n")
+        _, status = os.waitpid(pid, 0)
+        answers.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
 
 
 if __name__ == "__main__":
