@@ -14,6 +14,8 @@ Reports perplexity of the global model on the eval text before and after trainin
         --train-file README.md --eval-file docs/reliability.md --max-steps 100 --output-dir out_lm
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import math
@@ -25,7 +27,6 @@ import torch.distributed as dist
 import transformers
 
 from ist_accel import ISTConfig
-from ist_accel.trainer import ISTCallback
 from ist_accel.training import check_output_dir, finish, setup_logging
 
 TINY = {
@@ -173,6 +174,8 @@ class _eval_mode:
 def main() -> None:
     setup_logging()
     args = parse_args()
+    from ist_accel import ISTCallback  # here, not above: --help and bad arguments answer without the Trainer's import
+
     transformers.set_seed(args.seed)
     if args.model_config:
         tokenizer = transformers.ByT5Tokenizer(extra_ids=0)  # bytes: nothing to download

@@ -20,16 +20,16 @@ def free_port() -> int:
 
 
 def torchrun(script: str | Path, nproc: int, args: list[str], timeout: float = 300, env: dict | None = None,
-             real: bool = False) -> subprocess.CompletedProcess:
+             real: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``tests/workers/<script>`` (or the script at an absolute path) on ``nproc`` gloo ranks. The ranks are forked from the
     warm zygote (``tests/zygote.py``) with torchrun's environment; ``real=True``, an ``env``
     that sets what the zygote has fixed, or ``IST_TEST_LAUNCHER=torchrun`` use torchrun itself."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if not real and os.environ.get("IST_TEST_LAUNCHER", "zygote") == "zygote" and _zygote_can_run(env or {}):
-        return _Zygote.get().run("torchrun", WORKERS / script, nproc, args, env or {}, timeout)
+        return _Zygote.get().run("torchrun", WORKERS / script, nproc, args, env or {}, timeout, cwd)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(WORKERS / script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
 
 
 def _zygote_can_run(env: dict) -> bool:
@@ -89,10 +89,10 @@ class _Zygote:
         return self._json.loads(line)
 
     def run(self, launcher: str, script: Path, nproc: int, args: list[str], env: dict,
-            timeout: float) -> subprocess.CompletedProcess:
+            timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
         logs = tempfile.mkdtemp(dir=self.log.name)
         request = {"launcher": launcher, "script": str(script), "args": [str(a) for a in args], "nproc": nproc,
-                   "env": env, "cwd": str(ROOT if launcher == "accelerate" else os.getcwd()), "logs": logs}
+                   "env": env, "cwd": str(cwd or os.getcwd()), "logs": logs}
         self.proc.stdin.write(self._json.dumps(request) + "\n")
         self.proc.stdin.flush()
         pid = self._read(timeout=60)["pid"]
@@ -139,7 +139,7 @@ def accelerate_launch(script: str | Path, nproc: int, args: list[str], timeout: 
     launch_args = ["--config_file", str(config), "--num_processes", str(nproc), "--main_process_port",
                    str(free_port()), str(script), *[str(a) for a in args]]
     if not real and os.environ.get("IST_TEST_LAUNCHER", "zygote") == "zygote" and _zygote_can_run(env or {}):
-        return _Zygote.get().run("accelerate", Path(script), nproc, launch_args, env or {}, timeout)
+        return _Zygote.get().run("accelerate", Path(script), nproc, launch_args, env or {}, timeout, ROOT)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
                 "WANDB_MODE": "offline", **(env or {})}

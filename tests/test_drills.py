@@ -24,7 +24,7 @@ import torch
 from ist_accel.sharded import load_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import CPU_CONFIG, ROOT, free_port, torchrun  # noqa: E402
+from launch import CPU_CONFIG, ROOT, accelerate_launch, free_port, torchrun  # noqa: E402
 
 from ist_accel import checkpoint as ckpt  # noqa: E402
 
@@ -44,10 +44,9 @@ def start(script: Path, args: list[str], log: Path, env: dict | None = None, npr
 
 
 def run(script: Path, args: list[str], env: dict | None = None, timeout: float = 600) -> tuple[int, str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), "--num_processes",
-           "2", "--main_process_port", str(free_port()), str(script), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **ENV, **(env or {})})
+    """``accelerate launch`` of a recipe on 2 ranks to its end (Accelerate's launch command in the
+    warm zygote, tests/zygote.py); ``start`` launches the command itself, for drills that signal it."""
+    proc = accelerate_launch(script, 2, list(map(str, args)), timeout=timeout, env={**ENV, **(env or {})})
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -86,7 +86,7 @@ def test_resist_imagenet_embedded_default_runs_every_method(tmp_path, method):
 def test_resist_cifar_short_run(tmp_path, cifar_cache):
     r = launch("resist_cifar.py", ["--data", str(CIFAR), "--data-cache", str(cifar_cache),
                                    "--arch", "preact_resnet32", "--max-steps", "40", "--local-steps", "10",
-                                   "--batch-size", "32"], tmp_path / "out", real=True)
+                                   "--batch-size", "32", "--eval-samples", "2000"], tmp_path / "out", real=True)
     assert (r["steps"], r["rounds"]) == (40, 4)
     assert r["ist_config"]["decomposition"] == "resist" and r["ist_config"]["num_subnets"] == 2
     assert r["bytes_sent_per_worker"] <= 1.10 * r["bytes_lower_per_worker"]

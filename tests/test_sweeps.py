@@ -5,7 +5,6 @@ runs a few steps offline."""
 import importlib.util
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import ROOT, accelerate_launch, free_port  # noqa: E402
+from launch import ROOT, accelerate_launch, torchrun  # noqa: E402
 
 SWEEPS = sorted((ROOT / "recipes" / "sweeps").glob("*.yaml"))
 
@@ -82,10 +81,7 @@ def test_one_sampled_configuration_runs_offline(path, tmp_path):
         proc = accelerate_launch(ROOT / sweep["program"], 2, argv(config), env=env)
     else:
         config.update({"max-steps": 20, "eval-steps": 10})
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(ROOT / sweep["program"]), *argv(config)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                              env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **env})
+        proc = torchrun(ROOT / sweep["program"], 2, argv(config), timeout=600, cwd=ROOT, env=env)  # the zygote
     results = tmp_path / "out" / "results.json"
     assert results.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
     assert json.loads(results.read_text())["steps"] == 20

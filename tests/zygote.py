@@ -86,7 +86,7 @@ def run_rank(script: str, args: list[str], rank: int, nproc: int, port: int, log
     except SystemExit as e:
         code = _exit_code(e)
     except BaseException:
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())  # as the interpreter reports it (torch.distributed's hook adds [rankN])
     finally:
         _end(code)
 
