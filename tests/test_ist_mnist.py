@@ -25,14 +25,14 @@ def test_ist_mlp_learns_mnist_and_eval_scaling_matters():
     d = decompose(model, ISTConfig(num_subnets=2, local_steps=20))
     engine = ReferenceIST(d, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
     loader = DataLoader(train, batch_size=128, shuffle=True, drop_last=True)
-    batches = (b for _ in range(4) for b in loader)  # a few epochs, reshuffled each
+    batches = (b for _ in range(2) for b in loader)  # two epochs, reshuffled each
     loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    for _ in range(40):  # 40 rounds x 20 steps x 2 subnets x 128 = 3.4 epochs of samples
+    for _ in range(20):  # 20 rounds x 20 steps x 2 subnets x 128 = 1.7 epochs of samples (12 s; 40 rounds: 0.980)
         engine.run_round([[[next(batches) for _ in range(20)]] for _ in range(2)], loss)
     accuracy = {}
     for scaled in (True, False):
         d.eval_scaling = scaled
         with d.eval_view() as view, torch.no_grad():
             accuracy[scaled] = (view(x).argmax(1) == y).float().mean().item()
-    assert accuracy[True] >= 0.95, accuracy  # measured 0.980
-    assert accuracy[True] > accuracy[False] + 0.02, accuracy  # measured 0.937 unscaled
+    assert accuracy[True] >= 0.95, accuracy  # measured 0.972
+    assert accuracy[True] > accuracy[False] + 0.02, accuracy  # measured 0.935 unscaled
