@@ -12,7 +12,10 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .outer import OuterSGD
 
 DECOMPOSITIONS = ("auto", "resist", "ist_mlp", "layers", "ffn", "heads")
 OPTIMIZER_STATE_POLICIES = ("reset", "carry")
@@ -54,6 +57,11 @@ class ISTConfig:
             rank), ``"stream"`` (one module at a time, gathered around its forward: no rank
             ever holds the whole model) or ``"auto"`` (stream when the model was built on
             the meta device).
+        outer_lr, outer_momentum, outer_nesterov: the outer optimizer of a round (DiLoCo,
+            arXiv 2311.08105; :mod:`ist_accel.outer`): each unit moves by SGD over its
+            pseudo-gradient ``before - mean over holders(after)``. The default ``1, 0, False``
+            is plain averaging (the papers); DiLoCo's is ``0.7, 0.9, True``. With momentum,
+            the outer momentum travels with its unit (one more field per trained parameter).
     """
 
     num_subnets: int = 2
@@ -69,6 +77,9 @@ class ISTConfig:
     nonfinite: str = "raise"
     sync_timeout: float = 600.0
     global_view: str = "auto"
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
+    outer_nesterov: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +101,14 @@ class ISTConfig:
             raise ValueError(f"sync_timeout must be a finite number of seconds > 0, got {self.sync_timeout!r}")
         if not isinstance(self.eval_scaling, bool):
             raise ValueError(f"eval_scaling must be True or False, got {self.eval_scaling!r}")
+        if not _is_number(self.outer_lr) or not self.outer_lr > 0:
+            raise ValueError(f"outer_lr must be a finite number > 0 (1.0: plain averaging), got {self.outer_lr!r}")
+        if not _is_number(self.outer_momentum) or not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"outer_momentum must be a number in [0, 1) (0: none), got {self.outer_momentum!r}")
+        if not isinstance(self.outer_nesterov, bool):
+            raise ValueError(f"outer_nesterov must be True or False, got {self.outer_nesterov!r}")
+        if self.outer_nesterov and self.outer_momentum == 0:
+            raise ValueError("outer_nesterov=True needs outer_momentum > 0 (DiLoCo: 0.9)")
         if not isinstance(self.stages, str) or not self.stages.strip():
             raise ValueError(
                 f"stages must be 'longest', 'all' or a list like 'layer3:1-22', got {self.stages!r}"
@@ -105,6 +124,12 @@ class ISTConfig:
                 f"choose num_subnets x group_size = {world_size}"
             )
 
+    def outer(self) -> "OuterSGD":
+        """The round's outer optimizer (:class:`ist_accel.outer.OuterSGD`)."""
+        from .outer import OuterSGD
+
+        return OuterSGD(float(self.outer_lr), float(self.outer_momentum), self.outer_nesterov)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -112,6 +137,10 @@ class ISTConfig:
         """A short stable hash of the config, for rank agreement checks."""
         blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -4,7 +4,9 @@ One round (IST Alg. 1 of arXiv 1910.02120; ResIST Alg. 1 of arXiv 2107.00961):
 sample the assignment, refill every subnet from the global model, train the S
 subnets one after another on their own batches, then average every parameter,
 floating-point buffer (BatchNorm statistics) and, under ``carry``, optimizer state
-over the subnets that held it. A subnet trained by a group of G ranks is simulated as
+over the subnets that held it. With an outer optimizer (:mod:`ist_accel.outer`), the
+parameters then take one step of ``torch.optim.SGD`` over their pseudo-gradient
+``before - average``, on the elements some subnet held (DiLoCo, arXiv 2311.08105). A subnet trained by a group of G ranks is simulated as
 G replicas whose gradients are averaged each step and whose buffers are averaged at
 the end of the round.
 """
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from .decompose import Decomposition, Piece, average_into_global, keep_frozen, load_subnet, state_tensors
+from .outer import OuterSGD
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -32,6 +35,7 @@ class ReferenceIST:
             per subnet (subnets have fixed shapes) and refilled every round.
         optimizer_state: ``"reset"`` clears the state each round (the papers);
             ``"carry"`` keeps a global copy, averaged over holders like parameters.
+        outer: the outer optimizer (``ISTConfig.outer()``); None or plain averaging: none.
     """
 
     def __init__(
@@ -39,6 +43,7 @@ class ReferenceIST:
         decomposition: Decomposition,
         optimizer_factory: OptimizerFactory,
         optimizer_state: str = "reset",
+        outer: OuterSGD | None = None,
     ) -> None:
         if optimizer_state not in ("reset", "carry"):
             raise ValueError(f"optimizer_state must be 'reset' or 'carry', got {optimizer_state!r}")
@@ -50,6 +55,12 @@ class ReferenceIST:
         self.global_optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
         self.frozen = {n for n, p in decomposition.model.named_parameters() if not p.requires_grad}
         self.round = 0
+        self.outer = None if outer is None or outer.is_plain_average else outer
+        if self.outer is not None:  # the global parameters' outer SGD, on copies it steps from `before`
+            trained = [n for n, _ in decomposition.model.named_parameters() if n not in self.frozen]
+            self.outer_params = {n: torch.zeros_like(self.global_tensors[n], requires_grad=True) for n in trained}
+            self.outer_optimizer = torch.optim.SGD(list(self.outer_params.values()), lr=self.outer.lr,
+                                                   momentum=self.outer.momentum, nesterov=self.outer.nesterov)
 
     def run_round(self, batches: Sequence[Sequence[Sequence[Any]]], loss_fn: LossFn) -> None:
         """One round. ``batches[s][g][t]`` is step ``t`` of replica ``g`` of subnet ``s``."""
@@ -57,6 +68,7 @@ class ReferenceIST:
         if len(batches) != d.num_subnets:
             raise ValueError(f"need batches for {d.num_subnets} subnets, got {len(batches)}")
         assignment = d.assignment(self.round)
+        before = {n: self.global_tensors[n].detach().clone() for n in self.outer_params} if self.outer else {}
         contributions, state_contributions = [], []
         for s, (subnet, optimizer) in enumerate(zip(self.subnets, self.optimizers)):
             pieces = d.pieces(assignment, s)
@@ -68,10 +80,31 @@ class ReferenceIST:
             train_group(subnet, optimizer, batches[s], loss_fn)
             contributions.append((pieces, state_tensors(subnet)))
             state_contributions.append((pieces, optimizer_state_by_name(optimizer, subnet)))
-        average_into_global(self.global_tensors, contributions)
+        held = average_into_global(self.global_tensors, contributions)
         if self.optimizer_state == "carry":
             average_optimizer_state(self.global_optimizer_state, self.global_tensors, state_contributions)
+        if self.outer is not None:
+            self._outer_step(before, held)
         self.round += 1
+
+    def _outer_step(self, before: dict[str, torch.Tensor], held: dict[str, torch.Tensor]) -> None:
+        """x <- before - outer step(before - average) where held; elsewhere value and momentum stay."""
+        kept = {}
+        with torch.no_grad():
+            for name, p in self.outer_params.items():
+                mask = held.get(name, torch.zeros(p.shape, dtype=torch.bool))
+                p.copy_(before[name])
+                p.grad = torch.where(mask, before[name] - self.global_tensors[name], torch.zeros_like(p))
+                buffer = self.outer_optimizer.state.get(p, {}).get("momentum_buffer")
+                kept[name] = (mask, None if buffer is None else buffer.clone())
+        self.outer_optimizer.step()
+        with torch.no_grad():
+            for name, p in self.outer_params.items():
+                mask, buffer = kept[name]
+                self.global_tensors[name].copy_(torch.where(mask, p, before[name]))
+                if buffer is not None:  # torch's first step sets the buffer to the gradient: 0 where unheld
+                    state = self.outer_optimizer.state[p]["momentum_buffer"]
+                    state.copy_(torch.where(mask, state, buffer))
 
 
 def train_group(

@@ -35,6 +35,7 @@ from .faults import ISTError, ISTSyncError, inject, peer_failures
 from .global_view import GlobalView, streamed
 from .guard import PHASES, RoundGuard, all_finite, clone_state
 from .lifecycle import apply_sync_timeout, exit_with_parent
+from .outer import MOMENTUM_KEY
 from .preflight import check_setup
 from .subnet import SubnetTensors
 from .topology import Topology
@@ -156,6 +157,10 @@ class IST:
         self.global_view = GlobalView(top, self.transport, self.device)
         self.optimizer = self._make_optimizer(optimizer)
         self.tensors: SubnetTensors = SubnetTensors(self.subnet, self.optimizer)
+        self.outer = config.outer()  # the round's outer optimizer (ist_accel.outer); plain averaging by default
+        self.outer_momentum: dict[str, torch.Tensor] = {}  # per subnet parameter; travels with its unit
+        if self.outer.has_momentum:
+            self.outer_momentum = {n: torch.zeros_like(p, device=self.device) for n, p in self.subnet.named_parameters()}
         self._hooks = [self.optimizer.register_step_post_hook(self._after_step)]
         if reduce_gradients and self.intra is not None:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._before_step))
@@ -227,7 +232,7 @@ class IST:
         compute = time.perf_counter() - self._round_started
         start = time.perf_counter()
         carry = self.config.optimizer_state == "carry"
-        state = self.tensors.optimizer_state(self._keys) if carry else {}
+        state = self._round_state()
         fields = self._fields(state)
         verdict = self._start_check("sync", fields)  # the flags travel while this rank packs
         if self.intra is not None:
@@ -238,16 +243,16 @@ class IST:
             start += plan_seconds - self._plan_seconds  # planning is not part of the sync
         plan = self._plan
         values = self.tensors.tensors()
-        current, targets = self._bind(plan, values, state)
+        current, targets = self._contributions(plan, values, state)
         timings = Timings()
         packed = self.exchange.pack(plan, current)
         timings.pack = time.perf_counter() - start
         check_started = time.perf_counter()
         if verdict():  # policy skip: this group's update is dropped; pack its round-start values again
             self._restore_snapshot()
-            state = self.tensors.optimizer_state(self._keys) if carry else {}
+            state = self._round_state()
             values = self.tensors.tensors()
-            current, targets = self._bind(plan, values, state)
+            current, targets = self._contributions(plan, values, state)
             packed = self.exchange.pack(plan, current)
         check = time.perf_counter() - check_started
         self.exchange.finish(plan, packed, targets, timings)
@@ -255,7 +260,7 @@ class IST:
         following = self._assignment(self.round + 1)
         next_pieces = self.decomposition.pieces(following, self.group_index)
         if not self.tensors.live:
-            self.tensors.write(values, state if carry else None)
+            self.tensors.write(values, self._inner(state) if carry else None)
         if not carry:
             self.tensors.reset_optimizer_state()
         sync_seconds = time.perf_counter() - start
@@ -303,7 +308,7 @@ class IST:
         """Every tensor that travels this round: parameters and float buffers, then (policy
         ``carry``) one field per optimizer-state entry of each trained parameter."""
         fields = list(self.base_fields)
-        keys = self._state_keys(state) if self.config.optimizer_state == "carry" else ()
+        keys = self._state_keys(state) if self.config.optimizer_state == "carry" or self.outer_momentum else ()
         for f in self.base_fields:
             if f.name in self.frozen or f.name not in self._param_names:
                 continue
@@ -326,9 +331,36 @@ class IST:
 
     @property
     def _keys(self) -> tuple[tuple[str, bool], ...]:
-        """The optimizer-state keys the current plan moves."""
+        """The optimizer-state keys the current plan moves (the outer momentum is not one)."""
         fields = self._plan.fields if self._plan is not None else []
-        return tuple(sorted({(f.name.rpartition(":")[2], f.scalar) for f in fields if f.source}))
+        return tuple(sorted({(f.name.rpartition(":")[2], f.scalar) for f in fields if f.source} - {(MOMENTUM_KEY, False)}))
+
+    def _round_state(self) -> dict[str, dict[str, Any]]:
+        """What travels besides values: the optimizer state (``carry``) and the outer momentum."""
+        state = self.tensors.optimizer_state(self._keys) if self.config.optimizer_state == "carry" else {}
+        if not self.outer_momentum:
+            return state
+        return {n: {**state.get(n, {}), MOMENTUM_KEY: m} for n, m in self.outer_momentum.items()} | \
+            {n: st for n, st in state.items() if n not in self.outer_momentum}
+
+    @staticmethod
+    def _inner(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """``state`` without the outer momentum: the optimizer's own."""
+        inner = {n: {k: v for k, v in st.items() if k != MOMENTUM_KEY} for n, st in state.items()}
+        return {n: st for n, st in inner.items() if st}
+
+    def _contributions(self, plan: TransferPlan, values: dict[str, torch.Tensor], state: dict[str, dict[str, Any]]):
+        """:meth:`_bind`, after this group's values and outer momentum are turned, in place,
+        into its outer-step contributions (``ist_accel.outer``), whose average over holders
+        the exchange writes back: each tensor is its own target, as the exchange expects."""
+        if not self.outer.is_plain_average:
+            params = dict(self.subnet.named_parameters())
+            for name, before in self._outer_before.items():
+                if params[name].requires_grad:  # a frozen unit keeps its value
+                    w = self.outer.contribute(values[name], before, self.outer_momentum.get(name))
+                    if w is not None:
+                        self.outer_momentum[name].copy_(w)
+        return self._bind(plan, values, state)
 
     def _assignment(self, round_: int) -> Assignment:
         """The decomposition's assignment of ``round_`` (kept for the round ahead: the plan
@@ -404,17 +436,25 @@ class IST:
         return lambda: self.guard.verdict(pending(), f"round {self.round} (step {self.steps})")
 
     def _take_snapshot(self) -> None:
-        """Policy ``skip`` keeps the round's starting values (a subnet's worth of memory)."""
+        """Policy ``skip`` keeps the round's starting values (a subnet's worth of memory); an
+        outer optimizer, the starting values of the parameters (its ``before``)."""
+        self._outer_before = {}
+        if not self.outer.is_plain_average:
+            values = self.tensors.tensors()
+            self._outer_before = {n: values[n].detach().clone() for n, _ in self.subnet.named_parameters()}
         if self.config.nonfinite != "skip":
             self._snapshot = None
             return
         self._snapshot = ({n: t.detach().clone() for n, t in self.tensors.tensors().items()},
-                          clone_state(self.tensors.optimizer_state()))
+                          clone_state(self.tensors.optimizer_state()),
+                          {n: m.clone() for n, m in self.outer_momentum.items()})
 
     def _restore_snapshot(self) -> None:
         """Drop this group's update of the round: back to the values it started with."""
-        tensors, state = self._snapshot
+        tensors, state, momentum = self._snapshot
         self.tensors.write(tensors, clone_state(state))
+        for name, value in momentum.items():
+            self.outer_momentum[name].copy_(value)
 
     # ---- the global model ---------------------------------------------------------
 
@@ -594,6 +634,8 @@ class IST:
             "owners": {n: v.clone() for n, v in self.exchange.owners.values.items()},
             "owner_rows": {n: list(r) for n, r in self.exchange.owners.rows.items()},
             "totals": dataclasses.asdict(self.totals),
+            "outer_momentum": {n: m.clone() for n, m in self.outer_momentum.items()},
+            "outer_before": {n: b.clone() for n, b in self._outer_before.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -636,9 +678,16 @@ class IST:
         for kind, (sent, received) in self.totals.ledger.items():
             self.transport.ledger[kind].sent, self.transport.ledger[kind].received = sent, received
         self._ledger_at_sync = self.transport.ledger.copy()
+        if self.outer_momentum and set(state.get("outer_momentum", {})) != set(self.outer_momentum):
+            raise ValueError("checkpoint holds no outer momentum for this subnet (written without outer_momentum?)")
+        for name, value in state.get("outer_momentum", {}).items():
+            self.outer_momentum[name].copy_(value)
         carry = self.config.optimizer_state == "carry"
-        self._plan_seconds = self._prepare_plan(self.tensors.optimizer_state() if carry else {})
+        self._plan_seconds = self._prepare_plan(self._round_state() if carry or self.outer_momentum else {})
         self._take_snapshot()
+        for name, value in state.get("outer_before", {}).items():  # a checkpoint inside a round
+            if name in self._outer_before:
+                self._outer_before[name].copy_(value)
         self._round_started = time.perf_counter()
 
     # ---- hooks -----------------------------------------------------------------

@@ -216,11 +216,12 @@ def keep_frozen(subnet: nn.Module, frozen: set[str], pieces: list[Piece]) -> Non
 def average_into_global(
     global_state: Mapping[str, torch.Tensor],
     contributions: list[tuple[list[Piece], Mapping[str, torch.Tensor]]],
-) -> None:
+) -> dict[str, torch.Tensor]:
     """Average each global element over the subnets that held it (DESIGN: averaging).
 
     ``contributions`` is one ``(pieces, subnet_tensors)`` pair per subnet. Elements no
-    subnet held keep their value; an element with one holder is a plain copy.
+    subnet held keep their value; an element with one holder is a plain copy. Returns, per
+    tensor some subnet held, the boolean mask of its held elements.
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
@@ -239,6 +240,7 @@ def average_into_global(
             g = global_state[name]
             mean = total / counts[name].clamp_min(1)
             g.copy_(torch.where(held, mean, g.to(torch.float64)).to(g.dtype))
+    return {name: count > 0 for name, count in counts.items()}
 
 
 _FOLDABLE_OUT = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm,

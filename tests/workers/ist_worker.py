@@ -33,12 +33,18 @@ def main() -> None:
     ap.add_argument("--decomposition", default="auto")
     ap.add_argument("--seed-rank-offset", type=int, default=0, help="rank r uses seed 5 + r * offset")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--outer-lr", type=float, default=1.0)
+    ap.add_argument("--outer-momentum", type=float, default=0.0)
+    ap.add_argument("--outer-nesterov", action="store_true")
+    ap.add_argument("--min-blocks", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                        optimizer_state=args.policy, seed=5 + dist.get_rank() * args.seed_rank_offset,
-                       wire_dtype=args.wire_dtype, nonfinite=args.nonfinite, decomposition=args.decomposition, sync_timeout=args.timeout)
+                       wire_dtype=args.wire_dtype, nonfinite=args.nonfinite, decomposition=args.decomposition, sync_timeout=args.timeout,
+                       outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, outer_nesterov=args.outer_nesterov,
+                       min_blocks=args.min_blocks)
     model = make_model(args.model)
     tap = Wiretap().install()  # the package's wiretap, which the recipes report: checked against the engine
     wire = WireCount().install()  # the test's own count (tests/workers/common.py), apart from both
