@@ -349,6 +349,17 @@ class IST:
         inner = {n: {k: v for k, v in st.items() if k != MOMENTUM_KEY} for n, st in state.items()}
         return {n: st for n, st in inner.items() if st}
 
+    def _outer_contributions_of(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copies of this group's parameters turned into their outer-step contributions (a read
+        of the global model mid-round sees the model a sync now would produce)."""
+        params = dict(self.subnet.named_parameters())
+        out = {}
+        for name, before in self._outer_before.items():
+            if params[name].requires_grad:
+                out[name] = values[name].detach().clone()
+                self.outer.contribute(out[name], before, self.outer_momentum.get(name))
+        return out
+
     def _contributions(self, plan: TransferPlan, values: dict[str, torch.Tensor], state: dict[str, dict[str, Any]]):
         """:meth:`_bind`, after this group's values and outer momentum are turned, in place,
         into its outer-step contributions (``ist_accel.outer``), whose average over holders
@@ -470,6 +481,8 @@ class IST:
         values = self.tensors.tensors()
         if self.intra is not None and self.round_steps:  # the group's replicas differ in their statistics
             values = {**values, **self._buffers_averaged_in_group(values)}
+        if self.round_steps and not self.outer.is_plain_average:  # what a sync now would send: the outer step's
+            values = {**values, **self._outer_contributions_of(values)}  # contributions, on copies
         current = {}
         for i, f in enumerate(plan.fields):
             name = self.layouts[f.param].subnet_names.get(self.group_index)

@@ -61,6 +61,11 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
                         "and owner shard (the baselines materialize the same initial values whole)")
     g.add_argument("--optimizer-state", choices=OPTIMIZER_STATE_POLICIES, default="reset")
     g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="fp32")
+    g.add_argument("--outer-lr", type=float, default=1.0,
+                   help="ist: outer SGD lr over each round's pseudo-gradient (1 with momentum 0: plain averaging, "
+                        "the papers; DiLoCo: 0.7)")
+    g.add_argument("--outer-momentum", type=float, default=0.0, help="ist: outer momentum (DiLoCo: 0.9)")
+    g.add_argument("--outer-nesterov", action="store_true", help="ist: Nesterov outer momentum (DiLoCo)")
     g.add_argument("--no-eval-scaling", action="store_true", help="evaluate without the papers' eval scaling")
     g.add_argument("--sync-timeout", type=float, default=600.0,
                    help="seconds a collective waits for a stalled peer before the run fails with ISTSyncError")
@@ -130,6 +135,12 @@ def check_args(args: argparse.Namespace) -> None:
     _check_number("--clip-grad-norm", args.clip_grad_norm, "a finite number >= 0 (0: no clipping)", lambda v: v >= 0)
     _check_number("--epochs", args.epochs, "a finite number", lambda v: True)
     _check_number("--dense-warmup-epochs", args.dense_warmup_epochs, "a finite number >= 0", lambda v: v >= 0)
+    _check_number("--outer-lr", args.outer_lr, "a finite number > 0", lambda v: v > 0)
+    _check_number("--outer-momentum", args.outer_momentum, "a finite number in [0, 1)", lambda v: 0 <= v < 1)
+    if args.outer_nesterov and args.outer_momentum == 0:
+        raise SystemExit("--outer-nesterov needs --outer-momentum > 0 (DiLoCo: 0.9)")
+    if args.method != "ist" and (args.outer_lr != 1.0 or args.outer_momentum or args.outer_nesterov):
+        raise SystemExit(f"--outer-lr/--outer-momentum/--outer-nesterov need --method ist, got --method {args.method}")
     if not all(0 < m < 1 for m in args.milestones):
         raise SystemExit(f"--milestones are fractions of training in (0, 1), got {args.milestones}")
     if args.method == "ist" and args.checkpoint_every % args.local_steps:
@@ -194,6 +205,7 @@ def ist_config(args: argparse.Namespace) -> ISTConfig:
             decomposition=args.decomposition, stages=args.stages, optimizer_state=args.optimizer_state,
             group_size=args.group_size, seed=args.seed, eval_scaling=not args.no_eval_scaling,
             wire_dtype=args.wire_dtype, sync_timeout=getattr(args, "sync_timeout", 600.0),
+            outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, outer_nesterov=args.outer_nesterov,
         )
     except ValueError as error:
         raise SystemExit(f"bad IST setting: {error}") from None

@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     i.add_argument("--optimizer-state", choices=("reset", "carry"), default="carry")
     i.add_argument("--sync-timeout", type=float, default=600.0,
                    help="seconds a collective waits for a stalled peer before the run fails with ISTSyncError")
+    i.add_argument("--outer-lr", type=float, default=1.0, help="outer SGD lr per round (1: plain averaging; DiLoCo 0.7)")
+    i.add_argument("--outer-momentum", type=float, default=0.0, help="outer momentum (DiLoCo: 0.9)")
+    i.add_argument("--outer-nesterov", action="store_true", help="Nesterov outer momentum (DiLoCo)")
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, default=100)
     t.add_argument("--batch-size", type=int, default=8, help="per process")
@@ -113,7 +116,8 @@ def config(args: argparse.Namespace) -> ISTConfig:
     try:
         return ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                          min_blocks=args.min_blocks, decomposition=args.decomposition,
-                         optimizer_state=args.optimizer_state, seed=args.seed, sync_timeout=args.sync_timeout)
+                         optimizer_state=args.optimizer_state, seed=args.seed, sync_timeout=args.sync_timeout,
+                         outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, outer_nesterov=args.outer_nesterov)
     except ValueError as error:
         raise SystemExit(f"bad IST setting: {error}") from None
 

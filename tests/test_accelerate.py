@@ -55,6 +55,9 @@ def name_of(model):
     return "mlp" if isinstance(model, torch.nn.Sequential) else "resnet"
 
 
+DILOCO = {"outer_lr": 0.7, "outer_momentum": 0.9, "outer_nesterov": True}
+
+
 def reference(name, S, G, policy, warmup=0, bf16=False, partial=0):
     """The same rounds by hand: each optimizer step sums ACCUM micro-batch losses / ACCUM,
     clips the (group-averaged) gradient to norm 1, and the lr halves every LOCAL_STEPS steps."""
@@ -62,8 +65,11 @@ def reference(name, S, G, policy, warmup=0, bf16=False, partial=0):
     model = make_model(name)
     if warmup:
         dense_warmup(model, S * G, warmup)
-    config = ISTConfig(num_subnets=S, group_size=G, local_steps=LOCAL_STEPS, optimizer_state=policy, seed=5)
-    ref = ReferenceIST(decompose(model, config), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), policy)
+    policy, _, outer = policy.partition("-")  # "carry-diloco": DiLoCo's outer step (issue 17)
+    config = ISTConfig(num_subnets=S, group_size=G, local_steps=LOCAL_STEPS, optimizer_state=policy, seed=5,
+                       **(DILOCO if outer == "diloco" else {}))
+    ref = ReferenceIST(decompose(model, config), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), policy,
+                       outer=config.outer())
     for opt, subnet in zip(ref.optimizers, ref.subnets):
         opt.register_step_pre_hook(lambda o, a, k, subnet=subnet: [torch.nn.utils.clip_grad_norm_(subnet.parameters(), 1.0), None][1])
 
@@ -90,7 +96,8 @@ def reference(name, S, G, policy, warmup=0, bf16=False, partial=0):
 # (model, S, G, policy, warm-up steps, bf16, steps after the last round: end_training() syncs them)
 CASES = [("resnet", 2, 1, "reset", 0, False, 0), ("mlp", 2, 1, "carry", 0, False, 1),
          ("resnet", 2, 2, "carry", 0, False, 0), ("resnet", 2, 1, "reset", 2, False, 0),
-         ("mlp", 2, 2, "carry", 2, False, 0), ("resnet", 2, 1, "carry", 0, True, 0)]
+         ("mlp", 2, 2, "carry", 2, False, 0), ("resnet", 2, 1, "carry", 0, True, 0),
+         ("mlp", 2, 2, "reset-diloco", 0, False, 1), ("resnet", 2, 1, "carry-diloco", 0, False, 0)]
 
 
 @pytest.mark.parametrize("name,S,G,policy,warmup,bf16,partial", CASES,
@@ -107,10 +114,14 @@ def test_accelerate_loop_matches_reference(tmp_path, name, S, G, policy, warmup,
     assert all(p.exists() for p in ranks) and (tmp_path / "global.pt").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     got = torch.load(tmp_path / "global.pt")
     expected, expected_logits = reference(name, S, G, policy, warmup, bf16, partial)
+    # DiLoCo's step (x1.33 the pseudo-gradient, plus momentum) grows the 1-ulp difference of the
+    # engine's fp32 contributions and the reference's fp64 average: 2e-7, 5e-7, 3e-6 after rounds
+    # 1-3 (ResNet S2 carry), so 1e-5 there
+    atol = 1e-5 if policy.endswith("diloco") else 1e-6
     for key, value in exported(expected, S, G).items():  # get_state_dict exports the evaluated model
         if value.is_floating_point():
-            torch.testing.assert_close(got["global"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
-    torch.testing.assert_close(got["logits"], expected_logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got["global"][key], value, rtol=1e-5, atol=atol, msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(got["logits"], expected_logits, rtol=1e-5, atol=10 * atol)
     for key, value in got["before"].items():  # model.eval() / .train() left the global model as it was
         torch.testing.assert_close(got["global"][key], value, rtol=0, atol=0)
     for r in map(json.loads, (p.read_text() for p in ranks)):

@@ -101,13 +101,15 @@ def test_ist_mlp_reaches_95_percent_on_mnist(tmp_path):
 
 
 @needs_mnist
-@pytest.mark.parametrize("policy", ["reset"])
+@pytest.mark.parametrize("policy", ["reset", "reset-diloco"])
 def test_stop_mid_round_and_resume_equals_uninterrupted(tmp_path, policy):
     """Checkpoints every 2 rounds; a run stopped at step 45 (mid-round) resumes from step 40
-    and ends with the parameters of an uninterrupted run. (``carry`` is resumed in the kill
-    drill of test_reliability.py and under DeepSpeed in test_zero.py.)"""
+    and ends with the parameters of an uninterrupted run, with DiLoCo's outer step too (its
+    momentum is in the checkpoint). (``carry`` is resumed in the kill drill of
+    test_reliability.py and under DeepSpeed in test_zero.py.)"""
+    outer = ["--outer-lr", "0.7", "--outer-momentum", "0.9", "--outer-nesterov"] if policy.endswith("diloco") else []
     common = ["--data", str(MNIST), "--hidden", "128", "128", "--max-steps", "70", "--local-steps", "10",
-              "--checkpoint-every", "20", "--optimizer-state", policy, "--schedule", "cosine"]
+              "--checkpoint-every", "20", "--optimizer-state", policy.split("-")[0], "--schedule", "cosine", *outer]
     whole = launch("ist_mlp.py", common, tmp_path / "whole")
     proc = accelerate_launch(RECIPES / "ist_mlp.py", 2, [*common, "--output-dir", str(tmp_path / "cut"),
                                                         "--stop-after-steps", "45"])

@@ -25,7 +25,7 @@ S, G = 2, 2
 
 # ZeRO-1 and ZeRO-2 share DeepSpeed's optimizer class and ZeroSubnet's code path, so one
 # policy each covers them; ZeRO-3 (its own optimizer and partitioned parameters) runs both.
-CASES = [(1, "reset"), (2, "carry"), (3, "reset"), (3, "carry")]
+CASES = [(1, "reset"), (2, "carry"), (3, "reset"), (3, "carry"), (2, "carry-diloco")]  # + DiLoCo's outer step
 
 
 @pytest.mark.slow

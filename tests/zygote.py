@@ -160,28 +160,32 @@ def _end(code: int) -> None:
         os._exit(code)
 
 
-def wait_all(pids: list[int]) -> list[int]:
-    """Exit codes of ``pids``, in order; when one fails, the others get SIGTERM, then SIGKILL after 10 s."""
+def wait_all(pids: list[int], grace: float = 1.0) -> list[int]:
+    """Exit codes of ``pids``, in order. torchrun's rule, at its 0.1 s monitor interval: when
+    one fails, the others are stopped (SIGTERM, SIGKILL 10 s later), after ``grace`` seconds
+    in which they may end on their own: a rank that fails at the same moment gets to print
+    its own error, as it does under torchrun's slower stop."""
     codes: dict[int, int] = {}
-    deadline = None
+    term_at = kill_at = None
     while len(codes) < len(pids):
         pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid == 0:
-            if deadline is not None and time.monotonic() > deadline:
-                for p in pids:
-                    if p not in codes:
-                        _signal(p, signal.SIGKILL)
-                deadline = None
-            time.sleep(0.02)
+        if pid in pids:
+            codes[pid] = os.waitstatus_to_exitcode(status)
+            if codes[pid] != 0 and term_at is None:
+                term_at = time.monotonic() + grace
             continue
-        if pid not in pids:
-            continue
-        codes[pid] = os.waitstatus_to_exitcode(status)
-        if codes[pid] != 0 and deadline is None and len(codes) < len(pids):
+        now = time.monotonic()
+        if term_at is not None and now > term_at and kill_at is None:
             for p in pids:
                 if p not in codes:
                     _signal(p, signal.SIGTERM)
-            deadline = time.monotonic() + 10
+            kill_at = now + 10
+        if kill_at is not None and now > kill_at:
+            for p in pids:
+                if p not in codes:
+                    _signal(p, signal.SIGKILL)
+            kill_at = float("inf")
+        time.sleep(0.1)
     return [codes[p] for p in pids]
 
 

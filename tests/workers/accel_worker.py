@@ -10,6 +10,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+DILOCO = {"outer_lr": 0.7, "outer_momentum": 0.9, "outer_nesterov": True}
 from common import batch_for, eval_items, loss_fn, make_model  # noqa: E402
 
 from ist_accel import ISTAccelerator, ISTConfig  # noqa: E402
@@ -31,8 +32,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    policy, _, outer = args.policy.partition("-")  # "carry-diloco": DiLoCo's outer step
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
-                       optimizer_state=args.policy, seed=5)
+                       optimizer_state=policy, seed=5, **(DILOCO if outer == "diloco" else {}))
     kwargs = {"cpu": True}
     if args.zero_stage:  # clipping moves into DeepSpeed's config; partition even these tiny tensors
         from accelerate.utils import DeepSpeedPlugin
