@@ -39,10 +39,12 @@ def reference(S, G, policy, decomposition, linear=False):
         return sum(model(x, labels=x, use_cache=False, num_items_in_batch=count).loss for x in micro)
 
     model = make_model("gpt2")
+    policy, _, outer = policy.partition("-")  # "reset-diloco": DiLoCo's outer step (issue 17)
     config = ISTConfig(num_subnets=S, group_size=G, local_steps=LOCAL, optimizer_state=policy,
-                       decomposition=decomposition, seed=5)
+                       decomposition=decomposition, seed=5,
+                       **({"outer_lr": 0.7, "outer_momentum": 0.9, "outer_nesterov": True} if outer == "diloco" else {}))
     ref = ReferenceIST(decompose(model, config),
-                       lambda p: torch.optim.SGD(p, lr=0.01), policy)
+                       lambda p: torch.optim.SGD(p, lr=0.01), policy, outer=config.outer())
     if linear:  # the Trainer's default schedule: lr decays linearly to 0 over the run (no warm-up)
         for opt in ref.optimizers:
             counter = {"step": 0}
@@ -62,7 +64,7 @@ def reference(S, G, policy, decomposition, linear=False):
 # route: ISTTrainer(ist_config=...) or the user's own Trainer subclass + callbacks=[ISTCallback(...)]
 # (the same code; each layout, policy and ZeRO stage is covered by one route, both routes by both)
 TRAINER_CASES = [(2, 1, "reset", "layers", "linear", 0, "callback"), (2, 1, "carry", "heads", "constant", 0, "trainer"),
-                 (2, 2, "reset", "layers", "constant", 0, "callback"),
+                 (2, 2, "reset", "layers", "constant", 0, "callback"), (2, 1, "reset-diloco", "layers", "linear", 0, "callback"),
                  # TrainingArguments(deepspeed=...): ZeRO inside each group of 2, IST across the 2 groups
                  (2, 2, "reset", "layers", "linear", 2, "callback"), (2, 2, "carry", "heads", "constant", 3, "trainer")]
 

@@ -70,8 +70,10 @@ def main() -> None:
                    "train_batch_size": "auto", "gradient_clipping": "auto",
                    "zero_optimization": {"stage": args.zero_stage, "stage3_param_persistence_threshold": 0}}
         if args.zero_stage else None)
+    policy, _, outer = args.policy.partition("-")  # "reset-diloco": DiLoCo's outer step (issue 17)
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
-                       optimizer_state=args.policy, decomposition=args.decomposition, seed=5)
+                       optimizer_state=policy, decomposition=args.decomposition, seed=5,
+                       **({"outer_lr": 0.7, "outer_momentum": 0.9, "outer_nesterov": True} if outer == "diloco" else {}))
     data = {"train_dataset": token_set(args.steps * args.accum * BATCH * world, 1),
             "eval_dataset": token_set(4 * BATCH * world, 2)}
     if args.route == "callback":
