@@ -32,8 +32,12 @@ def rank_memory(d: Decomposition, config: ISTConfig, optimizer_slots: int = 1, r
     """What each subnet group's ranks keep (:class:`RankMemory`): the subnet state of round 0
     (``optimizer_slots`` tensors of state per parameter: 1 for SGD with momentum, 2 for
     Adam), the owner shards and buffers at their largest over the first ``rounds`` round
-    ends (the engine's buffers grow to the largest round and are reused)."""
+    ends (the engine's buffers grow to the largest round and are reused). An outer optimizer
+    adds, per trained element, the round's starting value and (with momentum) the outer
+    momentum (:mod:`ist_accel.outer`)."""
     S, G = config.num_subnets, config.group_size
+    outer = config.outer()
+    outer_slots = 0 if outer.is_plain_average else 1 + outer.has_momentum
     model = d.model
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -56,7 +60,7 @@ def rank_memory(d: Decomposition, config: ISTConfig, optimizer_slots: int = 1, r
             biggest_average = max((plan.fields[a.field].numel for a in plan.averages), default=0)
             buffers = max(buffers, (moved + biggest_average) * FP32_BYTES)
             plans = max(plans, plan.nbytes())
-        out.append(RankMemory(subnet=(values + trained * (1 + optimizer_slots)) * FP32_BYTES,
+        out.append(RankMemory(subnet=(values + trained * (1 + optimizer_slots + outer_slots)) * FP32_BYTES,
                               owner_shards=owners * FP32_BYTES, buffers=buffers, plans=plans))
     return out
 
