@@ -31,7 +31,7 @@ TASKS = {  # recipe, its data, and defaults sized for a 2-core CPU machine (GPU:
     "cifar10": ("recipes/resist_cifar.py", ["--data", str(DATA / "cifar10-jpeg.tar.gz"), "--arch", "preact_resnet20"]),
     "mnist": ("recipes/ist_mlp.py", ["--data", str(DATA / "mnist")]),
 }
-METHODS = ("ddp", "localsgd", "ist")
+METHODS = ("ddp", "localsgd", "ist", "diloco")  # diloco: torchft's (pip install torchft)
 
 
 def free_port() -> int:
@@ -142,7 +142,7 @@ def plot(runs: dict[str, list[dict]], bandwidth: float, out: Path, title: str) -
             for i, r in enumerate(rs):
                 xs = [x_of(p) for p in r["history"]]
                 ax.plot(xs, [p["accuracy"] for p in r["history"]], marker="o", markersize=3,
-                        label=method if i == 0 else None, color={"ddp": "C0", "localsgd": "C1", "ist": "C2"}[method])
+                        label=method if i == 0 else None, color={"ddp": "C0", "localsgd": "C1", "ist": "C2", "diloco": "C3"}[method])
         ax.set_xscale("symlog" if "bytes" in name else "linear")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=sorted(TASKS), required=True)
     ap.add_argument("--num-subnets", type=int, default=2, help="also the number of workers (G = 1)")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:3]))
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=128, help="per worker")
     ap.add_argument("--local-steps", type=int, default=50, help="IST's and LocalSGD's steps between syncs")

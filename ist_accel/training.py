@@ -40,7 +40,7 @@ from .config import DECOMPOSITIONS, OPTIMIZER_STATE_POLICIES, WIRE_DTYPES, ISTCo
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("ist", "ddp", "localsgd")
+METHODS = ("ist", "ddp", "localsgd", "diloco")
 FAILURE_WAIT_SECONDS = 5.0  # a failing rank waits this long for the others to read why, before it exits
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -48,7 +48,8 @@ SCHEDULES = ("step", "cosine", "constant")
 def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
     """The flags every recipe shares; ``defaults`` overrides their defaults (the recipe's paper setting)."""
     g = parser.add_argument_group("method")
-    g.add_argument("--method", choices=METHODS, default="ist", help="ist, or a baseline: ddp / Accelerate's LocalSGD")
+    g.add_argument("--method", choices=METHODS, default="ist",
+                   help="ist, or a baseline: ddp / Accelerate's LocalSGD / torchft's DiLoCo (outer step: --outer-*)")
     g.add_argument("--num-subnets", type=int, default=None, help="S (default: world size / group size)")
     g.add_argument("--group-size", type=int, default=None,
                    help="G, ranks training one subnet together (default: world size / S, or 1)")
@@ -139,8 +140,9 @@ def check_args(args: argparse.Namespace) -> None:
     _check_number("--outer-momentum", args.outer_momentum, "a finite number in [0, 1)", lambda v: 0 <= v < 1)
     if args.outer_nesterov and args.outer_momentum == 0:
         raise SystemExit("--outer-nesterov needs --outer-momentum > 0 (DiLoCo: 0.9)")
-    if args.method != "ist" and (args.outer_lr != 1.0 or args.outer_momentum or args.outer_nesterov):
-        raise SystemExit(f"--outer-lr/--outer-momentum/--outer-nesterov need --method ist, got --method {args.method}")
+    if args.method not in ("ist", "diloco") and (args.outer_lr != 1.0 or args.outer_momentum or args.outer_nesterov):
+        raise SystemExit(f"--outer-lr/--outer-momentum/--outer-nesterov need --method ist or diloco, got --method "
+                         f"{args.method}")
     if not all(0 < m < 1 for m in args.milestones):
         raise SystemExit(f"--milestones are fractions of training in (0, 1), got {args.milestones}")
     if args.method == "ist" and args.checkpoint_every % args.local_steps:
@@ -377,6 +379,13 @@ def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[st
                                   init_kwargs={"wandb": {"name": args.run_name, "dir": str(output)}})
     local_sgd = (LocalSGD(accelerator=accelerator, model=model, local_sgd_steps=args.local_steps)
                  if args.method == "localsgd" else _NoLocalSGD())  # LocalSGD refuses DeepSpeed even when off
+    if args.method == "diloco":  # torchft's, its outer step from --outer-* (DiLoCo's 0.7 / 0.9 / Nesterov if unset)
+        from .baselines import TorchftDiLoCo
+
+        plain = args.outer_lr == 1.0 and not args.outer_momentum
+        local_sgd = TorchftDiLoCo(accelerator, model, optimizer, args.local_steps,
+                                  0.7 if plain else args.outer_lr, 0.9 if plain else args.outer_momentum,
+                                  True if plain else args.outer_nesterov, timeout=args.sync_timeout)
     if args.method == "localsgd":  # its syncs (and the one more at __exit__) are its exchange
         local_sgd._sync_and_avg_model_params = _in_phase(tap, "exchange", local_sgd._sync_and_avg_model_params)
     with tap.phase("train"):
@@ -581,6 +590,9 @@ def _communication(args, accelerator, model_params: int, steps: int, tap: Wireta
                     "ist_config": accelerator.ist_config.to_dict()})
         return out
     syncs = steps if args.method == "ddp" else steps // args.local_steps
+    if args.method == "diloco":  # torchft's own process group: not seen by the wiretap; its all-reduce, modeled
+        modeled = ring_allreduce_bytes(model_params, world) * syncs
+        out.update({"bytes_sent_per_worker": modeled, "bytes_received_per_worker": modeled, "bytes_measured": False})
     out.update({"rounds": syncs, "bytes_lower_per_worker": ring_allreduce_bytes(model_params, world) * syncs,
                 "compute_seconds": None, "sync_seconds": None, "subnet_params": model_params})
     return out

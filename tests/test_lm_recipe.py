@@ -50,7 +50,7 @@ def run(tmp_path, *args, real: bool = False):
                                                        ("gpt2-tiny", "ffn", 60)])
 def test_perplexity_falls_well_below_its_start(tmp_path, model, decomposition, steps):
     r = run(tmp_path, "--model-config", model, "--decomposition", decomposition, "--max-steps", str(steps),
-            real=decomposition == "layers")
+            real=decomposition == "heads")
     assert r["steps"] == steps and r["rounds"] == steps // 10
     assert r["initial_perplexity"] > 100  # bytes: about uniform over 259 tokens at the start
     assert r["final_perplexity"] < 0.1 * r["initial_perplexity"], r

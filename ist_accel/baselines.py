@@ -1,0 +1,99 @@
+"""torchft's DiLoCo (Douillard et al., arXiv 2311.08105) as a baseline of the recipes'
+training loop (``--method diloco``), beside DDP and Accelerate's ``LocalSGD``.
+
+Every rank is one torchft replica group of one process: its own store, a torchft ``Manager``
+with a gloo process group, all joined through one lighthouse that rank 0 serves. The model is
+Accelerate's DDP-wrapped one with gradient sync off (as ``LocalSGD`` does); torchft's
+``DiLoCo`` wraps it and, every ``sync_every`` inner optimizer steps, all-reduces the
+pseudo-gradient and applies the outer optimizer (SGD, Nesterov momentum). Its bytes are
+modeled as the ring all-reduce of the parameters per sync, as for LocalSGD: torchft's
+process group does not go through ``torch.distributed``'s functions that the wiretap counts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import logging
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class TorchftDiLoCo:
+    """A context like Accelerate's ``LocalSGD``: enter it around the training loop; the
+    syncs happen inside the inner optimizer's ``step`` (torchft's hook)."""
+
+    def __init__(self, accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimizer, sync_every: int,
+                 outer_lr: float = 0.7, outer_momentum: float = 0.9, outer_nesterov: bool = True,
+                 timeout: float = 600.0) -> None:
+        if importlib.util.find_spec("torchft") is None:
+            raise SystemExit("--method diloco needs torchft: pip install torchft (0.2)")
+        self.accelerator, self.model, self.sync_every = accelerator, model, sync_every
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper: torchft hooks the real one
+        self.outer_args = dict(lr=outer_lr, momentum=outer_momentum, nesterov=outer_nesterov)
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self.syncs = 0
+
+    def __enter__(self) -> "TorchftDiLoCo":
+        from torchft import Manager, ProcessGroupGloo
+        from torchft.coordination import LighthouseServer
+        from torchft.local_sgd import DiLoCo
+
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        self._no_sync = self.model.no_sync() if hasattr(self.model, "no_sync") else None
+        if self._no_sync is not None:
+            self._no_sync.__enter__()
+        self.lighthouse = LighthouseServer(bind="[::]:0", min_replicas=world) if rank == 0 else None
+        address = [self.lighthouse.address() if self.lighthouse else None]
+        dist.broadcast_object_list(address, src=0)
+        self.store = dist.TCPStore("localhost", _free_port(), 1, is_master=True, wait_for_workers=False)
+        self.manager = Manager(pg=ProcessGroupGloo(timeout=self.timeout), load_state_dict=self._load,
+                               state_dict=self._state, min_replica_size=world, use_async_quorum=False,
+                               replica_id=f"replica_{rank}", store_addr="localhost", store_port=self.store.port,
+                               rank=0, world_size=1, lighthouse_addr=address[0], timeout=self.timeout,
+                               quorum_timeout=self.timeout, connect_timeout=self.timeout)
+        module = getattr(self.model, "module", self.model)
+        outer = torch.optim.SGD(module.parameters(), **self.outer_args)
+        self.diloco = DiLoCo(self.manager, [module], self.inner, outer, sync_every=self.sync_every,
+                             backup_device=torch.device("cpu"), pin_memory=False)
+        self.diloco.__enter__()
+        self.inner.register_step_post_hook(self._count)
+        return self
+
+    def _count(self, *args: Any) -> None:
+        if self.manager.current_step() > self.syncs:
+            self.syncs = self.manager.current_step()
+
+    def step(self) -> None:
+        """For the loop's ``local_sgd.step()``: DiLoCo counts the inner optimizer's steps itself."""
+
+    def _state(self) -> dict[str, Any]:
+        module = getattr(self.model, "module", self.model)
+        return {"model": module.state_dict(), "inner": self.inner.state_dict()}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        module = getattr(self.model, "module", self.model)
+        module.load_state_dict(state["model"])
+        self.inner.load_state_dict(state["inner"])
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.diloco.__exit__(*exc)
+        finally:
+            self.manager.shutdown(wait=False)
+            if self.lighthouse is not None:
+                self.lighthouse.shutdown()
+            if self._no_sync is not None:
+                self._no_sync.__exit__(*exc)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
