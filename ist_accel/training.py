@@ -92,6 +92,9 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every this many steps (0: at the end)")
     t.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first this many items (0: all)")
+    t.add_argument("--val-split", type=float, default=0.0,
+                   help="hold out this fraction of the training set (seeded) and evaluate on it instead of the test "
+                        "set (its items keep the training transforms): to pick hyper-parameters without the test set")
     t.add_argument("--log-every", type=int, default=10)
     o = parser.add_argument_group("output")
     o.add_argument("--output-dir", default="out")
@@ -136,6 +139,7 @@ def check_args(args: argparse.Namespace) -> None:
     _check_number("--clip-grad-norm", args.clip_grad_norm, "a finite number >= 0 (0: no clipping)", lambda v: v >= 0)
     _check_number("--epochs", args.epochs, "a finite number", lambda v: True)
     _check_number("--dense-warmup-epochs", args.dense_warmup_epochs, "a finite number >= 0", lambda v: v >= 0)
+    _check_number("--val-split", getattr(args, "val_split", 0.0), "a fraction in [0, 1)", lambda v: 0 <= v < 1)
     _check_number("--outer-lr", args.outer_lr, "a finite number > 0", lambda v: v > 0)
     _check_number("--outer-momentum", args.outer_momentum, "a finite number in [0, 1)", lambda v: 0 <= v < 1)
     if args.outer_nesterov and args.outer_momentum == 0:
@@ -345,6 +349,11 @@ def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[st
     set_seed(args.seed)
     if is_meta(model) and args.method != "ist":  # a baseline holds the whole model: the same initial values
         model = materialize(model, args.seed)
+    if getattr(args, "val_split", 0.0):  # a held-out part of the training set takes the test set's place
+        held = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        cut = max(1, int(len(train_set) * args.val_split))
+        train_set, eval_set = (torch.utils.data.Subset(train_set, held[cut:]),
+                               torch.utils.data.Subset(train_set, held[:cut]))
     if getattr(args, "eval_samples", 0):
         eval_set = torch.utils.data.Subset(eval_set, range(min(args.eval_samples, len(eval_set))))
     output = Path(args.output_dir)
@@ -399,6 +408,8 @@ def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[st
     with tap.phase("report"):
         results.update(_communication(args, accelerator, model_params, progress.step, tap))
     results["model_params"] = model_params
+    results["evaluated_on"] = {"split": "held-out train" if getattr(args, "val_split", 0.0) else "test",
+                               "items": len(eval_set)}
     if accelerator.is_main_process:
         (output / "results.json").write_text(json.dumps(results, indent=2))
         logger.info("results: %s", json.dumps(results))

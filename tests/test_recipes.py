@@ -102,6 +102,17 @@ def test_ist_mlp_reaches_95_percent_on_mnist(tmp_path):
 
 
 @needs_mnist
+def test_val_split_evaluates_on_a_held_out_part_of_the_training_set(tmp_path):
+    """--val-split 0.1: 6,000 of MNIST's 60,000 training images are held out and scored instead
+    of the test set (for picking outer settings, issue 17); the epoch shrinks to the other 54,000
+    (0.05 epoch: 54000 // 128 // 2 ranks = 210 batches -> 10 steps; the whole set gives 11)."""
+    r = launch("ist_mlp.py", ["--data", str(MNIST), "--hidden", "64", "64", "--epochs", "0.05", "--local-steps", "5",
+                              "--val-split", "0.1"], tmp_path)
+    assert r["evaluated_on"] == {"split": "held-out train", "items": 6000}
+    assert r["steps"] == 10 and r["final_accuracy"] > 0.3, r
+
+
+@needs_mnist
 def test_torchft_diloco_baseline_trains_and_counts_its_syncs(tmp_path):
     """--method diloco: torchft's DiLoCo around the recipe's loop (a lighthouse on rank 0, one
     replica group per rank, DiLoCo's outer 0.7 / Nesterov 0.9): 40 steps sync 4 times; its
