@@ -38,7 +38,6 @@ class TorchftDiLoCo:
         self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper: torchft hooks the real one
         self.outer_args = dict(lr=outer_lr, momentum=outer_momentum, nesterov=outer_nesterov)
         self.timeout = datetime.timedelta(seconds=timeout)
-        self.syncs = 0
 
     def __enter__(self) -> "TorchftDiLoCo":
         from torchft import Manager, ProcessGroupGloo
@@ -63,12 +62,7 @@ class TorchftDiLoCo:
         self.diloco = DiLoCo(self.manager, [module], self.inner, outer, sync_every=self.sync_every,
                              backup_device=torch.device("cpu"), pin_memory=False)
         self.diloco.__enter__()
-        self.inner.register_step_post_hook(self._count)
         return self
-
-    def _count(self, *args: Any) -> None:
-        if self.manager.current_step() > self.syncs:
-            self.syncs = self.manager.current_step()
 
     def step(self) -> None:
         """For the loop's ``local_sgd.step()``: DiLoCo counts the inner optimizer's steps itself."""

@@ -338,10 +338,9 @@ class IST:
     def _round_state(self) -> dict[str, dict[str, Any]]:
         """What travels besides values: the optimizer state (``carry``) and the outer momentum."""
         state = self.tensors.optimizer_state(self._keys) if self.config.optimizer_state == "carry" else {}
-        if not self.outer_momentum:
-            return state
-        return {n: {**state.get(n, {}), MOMENTUM_KEY: m} for n, m in self.outer_momentum.items()} | \
-            {n: st for n, st in state.items() if n not in self.outer_momentum}
+        for name, momentum in self.outer_momentum.items():  # new entries: the optimizer's own stay as they are
+            state[name] = {**state.get(name, {}), MOMENTUM_KEY: momentum}
+        return state
 
     @staticmethod
     def _inner(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -352,26 +351,28 @@ class IST:
     def _outer_contributions_of(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copies of this group's parameters turned into their outer-step contributions (a read
         of the global model mid-round sees the model a sync now would produce)."""
-        params = dict(self.subnet.named_parameters())
-        out = {}
-        for name, before in self._outer_before.items():
-            if params[name].requires_grad:
-                out[name] = values[name].detach().clone()
-                self.outer.contribute(out[name], before, self.outer_momentum.get(name))
-        return out
+        copies = {n: values[n].detach().clone() for n in self._outer_before}
+        self._turn_into_contributions(copies, momentum=None)
+        return copies
 
     def _contributions(self, plan: TransferPlan, values: dict[str, torch.Tensor], state: dict[str, dict[str, Any]]):
         """:meth:`_bind`, after this group's values and outer momentum are turned, in place,
-        into its outer-step contributions (``ist_accel.outer``), whose average over holders
-        the exchange writes back: each tensor is its own target, as the exchange expects."""
+        into its outer-step contributions, whose average over holders the exchange writes
+        back: each tensor is its own target, as the exchange expects."""
         if not self.outer.is_plain_average:
-            params = dict(self.subnet.named_parameters())
-            for name, before in self._outer_before.items():
-                if params[name].requires_grad:  # a frozen unit keeps its value
-                    w = self.outer.contribute(values[name], before, self.outer_momentum.get(name))
-                    if w is not None:
-                        self.outer_momentum[name].copy_(w)
+            self._turn_into_contributions(values, self.outer_momentum)
         return self._bind(plan, values, state)
+
+    def _turn_into_contributions(self, values: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor] | None) -> None:
+        """In place: each trained parameter in ``values`` becomes its outer-step contribution;
+        given ``momentum``, each one's outer-momentum contribution is written into it
+        (``ist_accel.outer``)."""
+        params = dict(self.subnet.named_parameters())
+        for name, before in self._outer_before.items():
+            if params[name].requires_grad:  # a frozen unit keeps its value
+                w = self.outer.contribute(values[name], before, self.outer_momentum.get(name))
+                if w is not None and momentum is not None:
+                    momentum[name].copy_(w)
 
     def _assignment(self, round_: int) -> Assignment:
         """The decomposition's assignment of ``round_`` (kept for the round ahead: the plan
@@ -695,8 +696,7 @@ class IST:
             raise ValueError("checkpoint holds no outer momentum for this subnet (written without outer_momentum?)")
         for name, value in state.get("outer_momentum", {}).items():
             self.outer_momentum[name].copy_(value)
-        carry = self.config.optimizer_state == "carry"
-        self._plan_seconds = self._prepare_plan(self._round_state() if carry or self.outer_momentum else {})
+        self._plan_seconds = self._prepare_plan(self._round_state())
         self._take_snapshot()
         for name, value in state.get("outer_before", {}).items():  # a checkpoint inside a round
             if name in self._outer_before:
