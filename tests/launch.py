@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from zygote import FIXED_ENV
+
 WORKERS = Path(__file__).parent / "workers"
 
 
@@ -21,21 +23,22 @@ def free_port() -> int:
 
 def torchrun(script: str | Path, nproc: int, args: list[str], timeout: float = 300, env: dict | None = None,
              real: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``tests/workers/<script>`` (or the script at an absolute path) on ``nproc`` gloo ranks. The ranks are forked from the
-    warm zygote (``tests/zygote.py``) with torchrun's environment; ``real=True``, an ``env``
-    that sets what the zygote has fixed, or ``IST_TEST_LAUNCHER=torchrun`` use torchrun itself."""
+    """Run ``tests/workers/<script>`` (or the script at an absolute path) on ``nproc`` gloo
+    ranks. The ranks are forked from the warm zygote (``tests/zygote.py``) with torchrun's
+    environment; ``real=True``, an ``env`` that sets what the zygote has fixed, or
+    ``IST_TEST_LAUNCHER=torchrun`` use torchrun itself."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    if not real and os.environ.get("IST_TEST_LAUNCHER", "zygote") == "zygote" and _zygote_can_run(env or {}):
+    if _use_zygote(real, env):
         return _Zygote.get().run("torchrun", WORKERS / script, nproc, args, env or {}, timeout, cwd)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(WORKERS / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
 
 
-def _zygote_can_run(env: dict) -> bool:
-    from zygote import FIXED_ENV
-
-    return all(FIXED_ENV.get(key, value) == value for key, value in env.items())
+def _use_zygote(real: bool, env: dict | None) -> bool:
+    """Fork from the zygote unless asked not to, or unless ``env`` changes what it fixed at import."""
+    return (not real and os.environ.get("IST_TEST_LAUNCHER", "zygote") == "zygote"
+            and all(FIXED_ENV.get(key, value) == value for key, value in (env or {}).items()))
 
 
 class _Zygote:
@@ -59,18 +62,12 @@ class _Zygote:
         self.stderr = open(Path(self.log.name) / "zygote.stderr", "w")
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "zygote.py"), str(write)],
                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.stderr,
-                                     pass_fds=(write,), text=True, env={**os.environ, **self._fixed()})
+                                     pass_fds=(write,), text=True, env={**os.environ, **FIXED_ENV})
         os.close(write)
         self.answers, self.pending = read, b""
         if not self._read(timeout=300).get("ready"):
             raise RuntimeError("the test zygote did not start: " + (Path(self.log.name) / "zygote.stderr").read_text())
         atexit.register(self.close)
-
-    @staticmethod
-    def _fixed() -> dict:
-        from zygote import FIXED_ENV
-
-        return FIXED_ENV
 
     def _read(self, timeout: float | None) -> dict:
         """The next answer line (raw reads: a buffered file would hide a second line from select)."""
@@ -138,7 +135,7 @@ def accelerate_launch(script: str | Path, nproc: int, args: list[str], timeout: 
     ranks' start is a fork (tests/zygote.py)."""
     launch_args = ["--config_file", str(config), "--num_processes", str(nproc), "--main_process_port",
                    str(free_port()), str(script), *[str(a) for a in args]]
-    if not real and os.environ.get("IST_TEST_LAUNCHER", "zygote") == "zygote" and _zygote_can_run(env or {}):
+    if _use_zygote(real, env):
         return _Zygote.get().run("accelerate", Path(script), nproc, launch_args, env or {}, timeout, ROOT)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",

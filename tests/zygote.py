@@ -1,7 +1,7 @@
 """A warm parent for the tests' multi-process runs (issue 18).
 
 On 2 cores each rank of a run spent 5-13 s importing torch, transformers, accelerate and
-deepspeed before doing anything; the suite launched ~90 such runs. This process imports
+deepspeed before doing anything; the suite launched ~110 such runs. This process imports
 those libraries once and then forks every run's ranks from itself, each with the environment
 torchrun gives a rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_RUN_ID,
 ...). A rank runs the worker script as ``__main__`` exactly as torchrun would, and the run
@@ -30,7 +30,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 
 FIXED_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
              "TOKENIZERS_PARALLELISM": "false",
@@ -134,7 +133,7 @@ def run_launcher(request: dict) -> None:
     except SystemExit as e:
         code = _exit_code(e)
     except BaseException:
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())
     finally:
         _end(code)
 
