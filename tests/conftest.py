@@ -1,6 +1,8 @@
 """Fixtures shared by the test modules."""
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +27,24 @@ CIFAR_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" /
 @pytest.fixture(scope="session")
 def cifar_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A ``--data-cache`` folder where the CIFAR-10 JPEG tarball is already extracted (60k
-    files, about 20 s): the recipes' own tarball path finds it done. Removed after the session."""
+    files): the recipes' own tarball path finds it done. In RAM (/dev/shm) where it has room:
+    on this machine's disk the extraction took 12-99 s and its removal 2-27 s, in RAM 8 s and
+    0.5 s. Removed after the session."""
     if not CIFAR_TAR.is_file():
         pytest.skip(f"real data missing: {CIFAR_TAR} (../shared absent)")
-    cache = tmp_path_factory.mktemp("data_cache")
-    extract_tarball(CIFAR_TAR, cache / CIFAR_TAR.name.split(".")[0])  # where the recipes look
-    yield cache
-    shutil.rmtree(cache, ignore_errors=True)
+    ram = _ram_folder()
+    cache = Path(tempfile.mkdtemp(prefix="ist-data-cache-", dir=ram)) if ram else tmp_path_factory.mktemp("data_cache")
+    try:
+        extract_tarball(CIFAR_TAR, cache / CIFAR_TAR.name.split(".")[0])  # where the recipes look
+        yield cache
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _ram_folder(room: int = 2 << 30) -> str | None:
+    """/dev/shm when it is a writable tmpfs with ``room`` bytes free (Docker's default is 64 MiB)."""
+    shm = "/dev/shm"
+    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
+        return None
+    stats = os.statvfs(shm)
+    return shm if stats.f_bavail * stats.f_frsize >= room else None
