@@ -1,0 +1,87 @@
+"""Issue 17, item 4: does re-estimating BatchNorm statistics of the global model before
+evaluation close IST's accuracy gap? Offline, on a finished ``recipes/ist_mlp.py`` run.
+
+The exported model (the global model in its evaluation view, ``output_dir/model``) is loaded
+into the plain MLP; its BatchNorm running statistics are recomputed as a cumulative average
+over ``--batches`` seeded training batches (the global model's activations differ from any
+subnet's, whose statistics the average holds), then scored on the split the run scored
+(``--val-split`` held-out part or the test set), against the statistics as saved.
+
+    python benchmarks/batchnorm_reestimate.py runs/ist_seed0 --batches 10 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ist_accel.data import load_mnist
+from ist_accel.models import MLP
+from ist_accel.sharded import load_folder
+
+
+def _flag(command: list[str], name: str, default: str) -> str:
+    return command[command.index(name) + 1] if name in command else default
+
+
+def accuracy(model: nn.Module, data) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in DataLoader(data, batch_size=1000):
+            correct += int((model(x).argmax(-1) == y).sum())
+    return correct / len(data)
+
+
+def reestimate(model: nn.Module, data, batches: int, batch_size: int, seed: int) -> None:
+    """Recompute every BatchNorm's running statistics over ``batches`` training batches (only
+    the norms in train mode: dropout stays off)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+        m.train()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for i, (x, _) in enumerate(loader):
+            if i == batches:
+                break
+            model(x)
+    model.eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="an ist_mlp.py output folder (results.json, command.json, model/)")
+    p.add_argument("--batches", type=int, nargs="+", default=[10, 40])
+    args = p.parse_args(argv)
+    command = json.loads((args.run / "command.json").read_text())
+    seed, val = int(_flag(command, "--seed", "0")), float(_flag(command, "--val-split", "0"))
+    hidden = [1024, 1024]  # the recipe's default
+    if "--hidden" in command:
+        rest = command[command.index("--hidden") + 1:]
+        hidden = [int(h) for h in rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]]
+    train, test = load_mnist(_flag(command, "--data", "../shared/datasets/mnist"))
+    if val:  # the recipe's own held-out split (ist_accel/training.py)
+        held = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        cut = max(1, int(len(train) * val))
+        train, test = Subset(train, held[cut:]), Subset(train, held[:cut])
+    model = MLP(784, hidden, 10, norm="batch")
+    saved = load_folder(args.run / "model")
+    model.load_state_dict(saved)
+    out = {"run": str(args.run), "split": "held-out train" if val else "test", "as_saved": accuracy(model, test)}
+    for n in args.batches:
+        model.load_state_dict(saved)
+        reestimate(model, train, n, int(_flag(command, "--batch-size", "128")), seed + 1)
+        out[f"reestimated_{n}"] = accuracy(model, test)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
