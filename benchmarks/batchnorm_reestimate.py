@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ist_accel.data import load_mnist
 from ist_accel.models import MLP
 from ist_accel.sharded import load_folder
+from ist_accel.training import held_out_split
 
 
 def _flag(command: list[str], name: str, default: str) -> str:
@@ -67,10 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
         rest = command[command.index("--hidden") + 1:]
         hidden = [int(h) for h in rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]]
     train, test = load_mnist(_flag(command, "--data", "../shared/datasets/mnist"))
-    if val:  # the recipe's own held-out split (ist_accel/training.py)
-        held = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        cut = max(1, int(len(train) * val))
-        train, test = Subset(train, held[cut:]), Subset(train, held[:cut])
+    if val:  # the recipe's own held-out split
+        train, test = held_out_split(train, val, seed)
     model = MLP(784, hidden, 10, norm="batch")
     saved = load_folder(args.run / "model")
     model.load_state_dict(saved)

@@ -345,15 +345,19 @@ def model_context(args: argparse.Namespace) -> Any:
     return torch.device("meta") if getattr(args, "init", "real") == "meta" else contextlib.nullcontext()
 
 
+def held_out_split(train_set: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """``--val-split``: a seeded ``fraction`` of ``train_set`` held out; (the rest, the held-out part)."""
+    held = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = max(1, int(len(train_set) * fraction))
+    return torch.utils.data.Subset(train_set, held[cut:]), torch.utils.data.Subset(train_set, held[:cut])
+
+
 def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[str, Any] | None:
     set_seed(args.seed)
     if is_meta(model) and args.method != "ist":  # a baseline holds the whole model: the same initial values
         model = materialize(model, args.seed)
     if getattr(args, "val_split", 0.0):  # a held-out part of the training set takes the test set's place
-        held = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        cut = max(1, int(len(train_set) * args.val_split))
-        train_set, eval_set = (torch.utils.data.Subset(train_set, held[cut:]),
-                               torch.utils.data.Subset(train_set, held[:cut]))
+        train_set, eval_set = held_out_split(train_set, args.val_split, args.seed)
     if getattr(args, "eval_samples", 0):
         eval_set = torch.utils.data.Subset(eval_set, range(min(args.eval_samples, len(eval_set))))
     output = Path(args.output_dir)
