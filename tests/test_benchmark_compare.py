@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
 
 
+@pytest.mark.long
 @pytest.mark.skipif(not MNIST.exists(), reason=f"real data missing: {MNIST} (../shared absent)")
 def test_compare_runs_three_methods_and_reports(tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f"MNIST not found at {DATA} (../shared/datasets)")
 
 
+@pytest.mark.long
 def test_memory_benchmark_counts_what_the_planner_predicts_and_enforces_its_cap(tmp_path):
     import memory
 

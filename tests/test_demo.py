@@ -1,8 +1,11 @@
 """The quick-start job learns the embedded synthetic set."""
 
+import pytest
+
 from ist_accel.demo import run_demo
 
 
+@pytest.mark.long
 def test_short_resist_training_beats_chance_clearly():
     # The demo's loop, shortened: 12 rounds of 10 steps at batch 32 reach 0.30 here (27 s);
     # the old 20 rounds at batch 64 took 109 s for the same assertion.

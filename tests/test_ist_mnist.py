@@ -15,6 +15,7 @@ from ist_accel.models import MLP
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 
 
+@pytest.mark.long
 @pytest.mark.skipif(not MNIST.exists(), reason=f"real data not found at {MNIST} (../shared beside the repo)")
 def test_ist_mlp_learns_mnist_and_eval_scaling_matters():
     torch.manual_seed(0)

@@ -49,6 +49,7 @@ def run(tmp_path, *args, real: bool = False):
 
 @pytest.mark.parametrize("model,decomposition,steps", [("gpt2-tiny", "layers", 100), ("llama-tiny", "heads", 60),
                                                        ("gpt2-tiny", "ffn", 60)])
+@pytest.mark.long
 def test_perplexity_falls_well_below_its_start(tmp_path, model, decomposition, steps):
     r = run(tmp_path, "--model-config", model, "--decomposition", decomposition, "--max-steps", str(steps),
             real=decomposition == "heads")

@@ -32,6 +32,7 @@ def launch(script: str, args: list[str], out: Path, nproc: int = 2, **kw) -> dic
     return json.loads(results.read_text())
 
 
+@pytest.mark.long
 @needs_cifar
 def test_resist_imagenet_on_cifar10_jpegs_reaches_the_bar(tmp_path, cifar_cache):
     """The issue's command: ImageFolder loader, 300 steps, 2 processes: >= 35% on the CIFAR-10
@@ -57,6 +58,7 @@ def test_resist_imagenet_on_cifar10_jpegs_reaches_the_bar(tmp_path, cifar_cache)
 EMBEDDED_STEPS, EMBEDDED_FLOOR = {"ist": 200, "ist-warmup": 200, "ddp": 120, "localsgd": 120}, 0.25
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("method", ["ist", "ist-warmup", "ddp", "localsgd"])
 def test_resist_imagenet_embedded_default_runs_every_method(tmp_path, method):
     warmup = ["--dense-warmup-epochs", "0.01"] if method == "ist-warmup" else []  # 1.6 batches: one round, 5 steps
@@ -83,6 +85,7 @@ def test_resist_imagenet_embedded_default_runs_every_method(tmp_path, method):
     assert r["total_bytes_sent_per_worker"] == pytest.approx(sum(r["bytes_by_phase"].values()), rel=1e-3)
 
 
+@pytest.mark.long
 @needs_cifar
 def test_resist_cifar_short_run(tmp_path, cifar_cache):
     r = launch("resist_cifar.py", ["--data", str(CIFAR), "--data-cache", str(cifar_cache),
@@ -93,6 +96,7 @@ def test_resist_cifar_short_run(tmp_path, cifar_cache):
     assert r["bytes_sent_per_worker"] <= 1.10 * r["bytes_lower_per_worker"]
 
 
+@pytest.mark.long
 @needs_mnist
 def test_ist_mlp_reaches_95_percent_on_mnist(tmp_path):
     r = launch("ist_mlp.py", ["--data", str(MNIST), "--num-subnets", "2"], tmp_path, real=True)
@@ -239,6 +243,7 @@ def test_resist_imagenet_reads_a_datasets_image_set(tmp_path):
     assert r["final_accuracy"] >= 0.9, r  # dark vs light images: learnable in 20 steps
 
 
+@pytest.mark.long
 def test_resume_inside_the_data_parallel_warmup(tmp_path):
     """Checkpoint at step 5 of a 10-step data-parallel warm-up, stop at 7, resume: the run
     switches to IST at step 10 and ends with the parameters of an uninterrupted run."""

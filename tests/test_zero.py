@@ -85,6 +85,7 @@ def test_bad_deepspeed_setup_fails_before_any_process_group(monkeypatch):
     assert not dist.is_initialized()
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @needs_mnist
 def test_recipe_under_the_deepspeed_launch_config_resumes_exactly(tmp_path, deepspeed_cpu_comm_op):
