@@ -38,6 +38,7 @@ class TorchftDiLoCo:
         self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper: torchft hooks the real one
         self.outer_args = dict(lr=outer_lr, momentum=outer_momentum, nesterov=outer_nesterov)
         self.timeout = datetime.timedelta(seconds=timeout)
+        self.final_partial_sync = False  # set when the end of training cut a round short
 
     def __enter__(self) -> "TorchftDiLoCo":
         from torchft import Manager, ProcessGroupGloo
@@ -78,6 +79,8 @@ class TorchftDiLoCo:
 
     def __exit__(self, *exc: Any) -> None:
         try:
+            if exc[0] is None:
+                self._finish_round()
             self.diloco.__exit__(*exc)
         finally:
             self.manager.shutdown(wait=False)
@@ -85,6 +88,26 @@ class TorchftDiLoCo:
                 self.lighthouse.shutdown()
             if self._no_sync is not None:
                 self._no_sync.__exit__(*exc)
+
+
+    def _finish_round(self) -> None:
+        """End as one model in every rank, the one rank 0 saves. (1) The outer step over a round
+        the end of training cut short, as Accelerate's ``LocalSGD`` averages once more when its
+        context exits: torchft's ``DiLoCo.__exit__`` only removes its hooks, so a budget that is
+        not a multiple of ``sync_every`` left each rank with its own local model, each scored on
+        its shard of the test set. This replays torchft 0.2's post-step hook for the partial
+        round (fragment_sync_delay 0). (2) DiLoCo syncs parameters only: the BatchNorm
+        statistics stay each rank's own, so every rank takes rank 0's (as DDP broadcasts them)."""
+        diloco = self.diloco
+        if diloco._local_step:
+            self.manager.start_quorum()
+            fragment = diloco._fragments[diloco._current_fragment()]
+            fragment.prepare_sync()
+            fragment.perform_sync()
+            diloco._local_step = 0
+            self.final_partial_sync = True
+        for buffer in getattr(self.model, "module", self.model).buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def _free_port() -> int:

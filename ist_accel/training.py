@@ -606,6 +606,7 @@ def _communication(args, accelerator, model_params: int, steps: int, tap: Wireta
         return out
     syncs = steps if args.method == "ddp" else steps // args.local_steps
     if args.method == "diloco":  # torchft's own process group: not seen by the wiretap; its all-reduce, modeled
+        syncs = -(-steps // args.local_steps)  # with the outer step over a round cut short at the end (baselines.py)
         modeled = ring_allreduce_bytes(model_params, world) * syncs
         out.update({"bytes_sent_per_worker": modeled, "bytes_received_per_worker": modeled, "bytes_measured": False})
     out.update({"rounds": syncs, "bytes_lower_per_worker": ring_allreduce_bytes(model_params, world) * syncs,
