@@ -11,6 +11,9 @@ run whose exact command was run before (``runs/*/command.json``) is reused, not 
 
     python benchmarks/compare.py --task mnist --num-subnets 2 --epochs 3 --seeds 0 1 --out docs/bench
     python benchmarks/compare.py --task cifar10 --num-subnets 4 --epochs 5 --out docs/bench
+    # an IST variant as one more row of the same table:
+    python benchmarks/compare.py --task cifar10 --num-subnets 4 --epochs 5 --out docs/bench --methods ist \
+        --ist-name ist_outer --ist-args=--outer-lr=0.7 --ist-args=--outer-momentum=0.9 --merge
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ TASKS = {  # recipe, its data, and defaults sized for a 2-core CPU machine (GPU:
     "mnist": ("recipes/ist_mlp.py", ["--data", str(DATA / "mnist")]),
 }
 METHODS = ("ddp", "localsgd", "ist", "diloco")  # diloco: torchft's (pip install torchft)
+COLORS = {"ddp": "C0", "localsgd": "C1", "ist": "C2", "diloco": "C3"}
 
 
 def free_port() -> int:
@@ -138,11 +142,11 @@ def plot(runs: dict[str, list[dict]], bandwidth: float, out: Path, title: str) -
          f"modeled seconds (compute + bytes at {bandwidth * 8 / 1e9:g} Gbit/s)"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method, rs in runs.items():
+        for k, (method, rs) in enumerate(runs.items()):
             for i, r in enumerate(rs):
                 xs = [x_of(p) for p in r["history"]]
                 ax.plot(xs, [p["accuracy"] for p in r["history"]], marker="o", markersize=3,
-                        label=method if i == 0 else None, color={"ddp": "C0", "localsgd": "C1", "ist": "C2", "diloco": "C3"}[method])
+                        label=method if i == 0 else None, color=COLORS.get(method, f"C{4 + k}"))
         ax.set_xscale("symlog" if "bytes" in name else "linear")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
@@ -170,20 +174,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL (accelerate launch --multi_gpu)")
     ap.add_argument("--ist-args", action="append", default=[], help="a recipe argument for the ist runs only, "
                     "repeatable: --ist-args=--stages=all --ist-args=--min-blocks=1")
+    ap.add_argument("--ist-name", default="ist", help="the ist runs' row name (and run folders), to set an IST "
+                    "variant beside plain IST: --ist-name ist_outer --ist-args=--outer-lr=0.7 ... --merge")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of OUT/<task>_S<n>/results.json whose "
+                    "methods this invocation does not run (one table from several invocations)")
     ap.add_argument("--out", default="bench")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for the recipe")
     args = ap.parse_args(argv)
     args.extra = [a for a in args.extra if a != "--"]
+    if args.ist_name in METHODS[:2] + METHODS[3:] or not args.ist_name.replace("_", "").isalnum():
+        raise SystemExit(f"--ist-name {args.ist_name!r}: use letters, digits and '_', not a baseline's name")
     if args.eval_every % args.local_steps:
         raise SystemExit(f"--eval-every {args.eval_every} must be a multiple of --local-steps {args.local_steps}")
     bandwidth = args.bandwidth_gbps * 1e9 / 8
     out = Path(args.out) / f"{args.task}_S{args.num_subnets}"
     runs: dict[str, list[dict]] = {}
+    names = {m: args.ist_name if m == "ist" else m for m in args.methods}
+    if args.merge and (out / "results.json").exists():
+        earlier = json.loads((out / "results.json").read_text())
+        differs = {k: (earlier[k], getattr(args, k)) for k in ("epochs", "batch_size", "local_steps")
+                   if earlier[k] != getattr(args, k)}
+        if differs:
+            raise SystemExit(f"--merge: {out / 'results.json'} was run with other settings "
+                             f"(earlier, now): {differs}; merge only runs of the same budget")
+        kept = {m: rs for m, rs in earlier["runs"].items() if m not in names.values()}
+        runs.update(kept)
+        print(f"== merging {', '.join(kept) or 'nothing'} from {out / 'results.json'}", flush=True)
     # IST first: a setting the model cannot take fails at once, not after the baselines ran
     for method in sorted(args.methods, key=lambda m: m != "ist"):
         for seed in args.seeds:
-            runs.setdefault(method, []).append(launch(args.task, method, seed, args, out / "runs" / f"{method}_seed{seed}"))
-    runs = {m: runs[m] for m in args.methods}
+            name = names[method]
+            runs.setdefault(name, []).append(launch(args.task, method, seed, args, out / "runs" / f"{name}_seed{seed}"))
+    runs = dict(sorted(runs.items(), key=lambda kv: METHODS.index(kv[0]) if kv[0] in METHODS else len(METHODS)))
     rows, target = summarize(runs, bandwidth)
     text = table(rows, target, bandwidth)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,3 +42,18 @@ def test_compare_runs_three_methods_and_reports(tmp_path, monkeypatch, capsys):
     assert len(table) == 5 and table[2].startswith("| ddp |")
     assert json.loads((out / "results.json").read_text())["accuracy_target"] > 0.5
     assert (out / "accuracy_vs_bytes.png").stat().st_size > 1000 and (out / "accuracy_vs_time.png").stat().st_size > 1000
+
+    # an IST variant as its own row beside plain IST, merged into the same table
+    variant = argv[:12] + ["--methods", "ist", "--ist-name", "ist_outer", "--ist-args=--outer-lr=0.7",
+                           "--ist-args=--outer-momentum=0.9", "--merge"] + argv[13:]
+    with pytest.raises(SystemExit, match="other settings"):  # another budget is refused before any run
+        compare.main(["0.3" if a == "0.15" else a for a in variant])
+    capsys.readouterr()
+    merged = compare.main(variant)
+    printed = capsys.readouterr().out
+    assert "merging ddp, localsgd, ist from" in printed and printed.count("reusing") == 0
+    assert [r["method"] for r in merged["rows"]] == ["ddp", "localsgd", "ist", "ist_outer"]
+    assert merged["rows"][2]["final_accuracy"] == rows["ist"]["final_accuracy"]  # the earlier plain IST row, kept
+    config = json.loads((out / "runs" / "ist_outer_seed0" / "results.json").read_text())["ist_config"]
+    assert (config["outer_lr"], config["outer_momentum"]) == (0.7, 0.9)
+    assert len((out / "table.md").read_text().splitlines()) == 6
