@@ -215,6 +215,9 @@ class ISTAccelerator(Accelerator):
 
             mixed = kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION")
             check_deepspeed_config(plugin.deepspeed_config, ist_config.group_size, str(mixed))
+            if ist_config.optimizer_state == "local":
+                raise ValueError("optimizer_state='local' is not supported under DeepSpeed (ZeRO steps Adam per "
+                                 "partition, not per tensor): use 'reset' or 'carry'")
             if dense_warmup_steps:
                 raise ValueError("dense_warmup_steps is not supported under DeepSpeed yet; warm up without it")
             kwargs["deepspeed_plugin"] = plugin

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .outer import OuterSGD
 
 DECOMPOSITIONS = ("auto", "resist", "ist_mlp", "layers", "ffn", "heads")
-OPTIMIZER_STATE_POLICIES = ("reset", "carry")
+OPTIMIZER_STATE_POLICIES = ("reset", "carry", "local")
 WIRE_DTYPES = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("raise", "skip")
 GLOBAL_VIEWS = ("auto", "gather", "stream")
@@ -40,8 +40,11 @@ class ISTConfig:
         stages: ResIST stages to partition: ``"longest"`` (the paper: the longest
             stage without its first block), ``"all"``, or an explicit override such
             as ``"layer3"`` or ``"layer2:1-3,layer3:1-22"`` (container path, block range).
-        optimizer_state: ``"reset"`` (the papers: fresh state each round) or
-            ``"carry"`` (state travels with its unit, averaged over holders).
+        optimizer_state: ``"reset"`` (the papers: fresh state each round),
+            ``"carry"`` (state travels with its unit, averaged over holders) or
+            ``"local"`` (a group keeps its state for every tensor it holds again next
+            round, the shared set always: rank-local like LocalSGD's; no extra bytes;
+            not under DeepSpeed).
         group_size: G, ranks training one subnet together (data parallel inside).
         seed: shared seed; the assignment of round r is a pure function of (seed, r).
         eval_scaling: scale partitioned units in the evaluation view (ResIST: the

@@ -4,7 +4,8 @@ One round (IST Alg. 1 of arXiv 1910.02120; ResIST Alg. 1 of arXiv 2107.00961):
 sample the assignment, refill every subnet from the global model, train the S
 subnets one after another on their own batches, then average every parameter,
 floating-point buffer (BatchNorm statistics) and, under ``carry``, optimizer state
-over the subnets that held it. With an outer optimizer (:mod:`ist_accel.outer`), the
+over the subnets that held it (under ``local`` a subnet keeps its own state for every
+tensor it holds again). With an outer optimizer (:mod:`ist_accel.outer`), the
 parameters then take one step of ``torch.optim.SGD`` over their pseudo-gradient
 ``before - average``, on the elements some subnet held (DiLoCo, arXiv 2311.08105). A subnet trained by a group of G ranks is simulated as
 G replicas whose gradients are averaged each step and whose buffers are averaged at
@@ -19,8 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .decompose import Decomposition, Piece, average_into_global, keep_frozen, load_subnet, state_tensors
+from .config import OPTIMIZER_STATE_POLICIES
+from .decompose import (Decomposition, Piece, average_into_global, keep_frozen, kept_tensors, load_subnet,
+                        state_tensors)
 from .outer import OuterSGD
+from .subnet import keep_optimizer_state
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -34,7 +38,9 @@ class ReferenceIST:
         optimizer_factory: builds an optimizer over a subnet's parameters; built once
             per subnet (subnets have fixed shapes) and refilled every round.
         optimizer_state: ``"reset"`` clears the state each round (the papers);
-            ``"carry"`` keeps a global copy, averaged over holders like parameters.
+            ``"carry"`` keeps a global copy, averaged over holders like parameters;
+            ``"local"`` lets each subnet keep the state of a tensor it holds again next
+            round (same global tensor and index), the rest fresh.
         outer: the outer optimizer (``ISTConfig.outer()``); None or plain averaging: none.
     """
 
@@ -45,14 +51,16 @@ class ReferenceIST:
         optimizer_state: str = "reset",
         outer: OuterSGD | None = None,
     ) -> None:
-        if optimizer_state not in ("reset", "carry"):
-            raise ValueError(f"optimizer_state must be 'reset' or 'carry', got {optimizer_state!r}")
+        if optimizer_state not in OPTIMIZER_STATE_POLICIES:
+            raise ValueError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATE_POLICIES)}, "
+                             f"got {optimizer_state!r}")
         self.decomposition = decomposition
         self.optimizer_state = optimizer_state
         self.subnets = [decomposition.build_subnet(s) for s in range(decomposition.num_subnets)]
         self.optimizers = [optimizer_factory(list(m.parameters())) for m in self.subnets]
         self.global_tensors = state_tensors(decomposition.model)
         self.global_optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+        self.held: list[list[Piece]] = [[] for _ in self.subnets]  # last round's pieces per subnet (``local``)
         self.frozen = {n for n, p in decomposition.model.named_parameters() if not p.requires_grad}
         self.round = 0
         self.outer = None if outer is None or outer.is_plain_average else outer
@@ -74,7 +82,11 @@ class ReferenceIST:
             pieces = d.pieces(assignment, s)
             load_subnet(subnet, self.global_tensors, pieces)
             keep_frozen(subnet, self.frozen, pieces)
-            optimizer.state.clear()
+            if self.optimizer_state == "local":
+                keep_optimizer_state(optimizer, subnet, kept_tensors(self.held[s], pieces))
+            else:
+                optimizer.state.clear()
+            self.held[s] = pieces
             if self.optimizer_state == "carry":
                 load_optimizer_state(optimizer, subnet, self.global_optimizer_state, pieces)
             train_group(subnet, optimizer, batches[s], loss_fn)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ISTConfig
-from .decompose import Assignment, keep_frozen, state_tensors
+from .decompose import Assignment, keep_frozen, kept_tensors, state_tensors
 from .exchange import Exchange, Timings
 from .faults import ISTError, ISTSyncError, inject, peer_failures
 from .global_view import GlobalView, streamed
@@ -191,6 +191,9 @@ class IST:
         """Let another owner hold the subnet's values (a DeepSpeed engine, which partitions
         them and steps its own optimizer): round ends read and write through ``tensors``,
         and the integration calls :meth:`step_done` after each optimizer step."""
+        if self.config.optimizer_state == "local" and not tensors.live:
+            raise ValueError("optimizer_state='local' is not supported under DeepSpeed (ZeRO steps Adam per "
+                             "partition, not per tensor): use 'reset' or 'carry'")
         self.close()
         self.tensors = tensors
         self._take_snapshot()
@@ -261,7 +264,9 @@ class IST:
         next_pieces = self.decomposition.pieces(following, self.group_index)
         if not self.tensors.live:
             self.tensors.write(values, self._inner(state) if carry else None)
-        if not carry:
+        if self.config.optimizer_state == "local":
+            self.tensors.keep_optimizer_state(kept_tensors(self.pieces, next_pieces))
+        elif not carry:
             self.tensors.reset_optimizer_state()
         sync_seconds = time.perf_counter() - start
         self.assignment, self.pieces, self.layouts = following, next_pieces, plan.next

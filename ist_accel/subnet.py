@@ -63,6 +63,10 @@ class SubnetTensors:
         """A fresh optimizer state (policy ``reset``)."""
         self.optimizer.state.clear()
 
+    def keep_optimizer_state(self, kept: dict[str, str]) -> None:
+        """Policy ``local`` (:func:`keep_optimizer_state`)."""
+        keep_optimizer_state(self.optimizer, self.module, kept)
+
     def state_dict(self) -> dict[str, Any]:
         """The subnet and its optimizer state, for a checkpoint of this rank."""
         return {"subnet": {n: t.detach().clone() for n, t in self.tensors().items()},
@@ -88,4 +92,16 @@ class SubnetTensors:
                        if isinstance(v, torch.Tensor))
 
 
-__all__ = ["SubnetTensors"]
+def keep_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module, kept: dict[str, str]) -> None:
+    """Policy ``local``: parameter ``new`` of ``module`` takes the state parameter
+    ``kept[new]`` had (:func:`~ist_accel.decompose.base.kept_tensors`); every other
+    parameter starts fresh."""
+    params = dict(module.named_parameters())
+    before = {n: optimizer.state[p] for n, p in params.items() if p in optimizer.state}
+    optimizer.state.clear()
+    for new, old in kept.items():
+        if new in params and old in before:
+            optimizer.state[params[new]] = before[old]
+
+
+__all__ = ["SubnetTensors", "keep_optimizer_state"]

@@ -97,7 +97,8 @@ def reference(name, S, G, policy, warmup=0, bf16=False, partial=0):
 CASES = [("resnet", 2, 1, "reset", 0, False, 0), ("mlp", 2, 1, "carry", 0, False, 1),
          ("resnet", 2, 2, "carry", 0, False, 0), ("resnet", 2, 1, "reset", 2, False, 0),
          ("mlp", 2, 2, "carry", 2, False, 0), ("resnet", 2, 1, "carry", 0, True, 0),
-         ("mlp", 2, 2, "reset-diloco", 0, False, 1), ("resnet", 2, 1, "carry-diloco", 0, False, 0)]
+         ("mlp", 2, 2, "reset-diloco", 0, False, 1), ("resnet", 2, 1, "carry-diloco", 0, False, 0),
+         ("resnet", 2, 2, "local", 0, False, 0)]
 
 
 @pytest.mark.parametrize("name,S,G,policy,warmup,bf16,partial", CASES,

@@ -64,7 +64,7 @@ def test_bad_input_gets_a_clear_error(capsys, args, message):
 @pytest.mark.parametrize("field,value,message", [
     ("num_subnets", 0, "num_subnets must be >= 1"),
     ("local_steps", 1.5, "local_steps must be an integer"),
-    ("optimizer_state", "keep", "optimizer_state must be one of reset, carry; got 'keep'"),
+    ("optimizer_state", "keep", "optimizer_state must be one of reset, carry, local; got 'keep'"),
     ("wire_dtype", "int8", "wire_dtype must be one of fp32, bf16, fp16"),
     ("group_size", True, "group_size must be an integer"),
 ])

@@ -143,12 +143,13 @@ def test_torchft_diloco_baseline_trains_and_counts_its_syncs(tmp_path):
 
 
 @needs_mnist
-@pytest.mark.parametrize("policy", ["reset", "reset-diloco"])
+@pytest.mark.parametrize("policy", ["reset", "reset-diloco", "local"])
 def test_stop_mid_round_and_resume_equals_uninterrupted(tmp_path, policy):
     """Checkpoints every 2 rounds; a run stopped at step 45 (mid-round) resumes from step 40
     and ends with the parameters of an uninterrupted run, with DiLoCo's outer step too (its
-    momentum is in the checkpoint). (``carry`` is resumed in the kill drill of
-    test_reliability.py and under DeepSpeed in test_zero.py.)"""
+    momentum is in the checkpoint) and under ``local`` (each rank's kept optimizer state is).
+    (``carry`` is resumed in the kill drill of test_reliability.py and under DeepSpeed in
+    test_zero.py.)"""
     outer = ["--outer-lr", "0.7", "--outer-momentum", "0.9", "--outer-nesterov"] if policy.endswith("diloco") else []
     common = ["--data", str(MNIST), "--hidden", "128", "128", "--max-steps", "70", "--local-steps", "10",
               "--checkpoint-every", "20", "--optimizer-state", policy.split("-")[0], "--schedule", "cosine", *outer]

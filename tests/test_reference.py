@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ist_accel.decompose import MLPDecomposition, Piece, ResidualDecomposition, average_into_global
+from ist_accel.decompose import MLPDecomposition, Piece, ResidualDecomposition, average_into_global, kept_tensors
 from ist_accel.models import MLP, build_model
 from ist_accel.reference import ReferenceIST, load_optimizer_state
 
@@ -90,6 +90,43 @@ def test_overlapping_blocks_and_carried_momentum_by_hand():
     load_optimizer_state(opt, sub, ref.global_optimizer_state, pieces)
     got = {n: opt.state[p]["momentum_buffer"].item() for n, p in sub.named_parameters()}
     assert got == pytest.approx({"0.weight": 2.8125, "1.lin.weight": 1.875, "2.lin.weight": 2.25})
+
+
+def test_local_policy_keeps_each_subnets_own_momentum_by_hand():
+    # min depth 2 = N: both subnets hold both blocks in the same slots every round, so under
+    # "local" each keeps its own momentum (not averaged). Round 0 as in the test above:
+    # buffers subnet 0 (x=1) a 1.875, w1 1.25, w2 1.5; subnet 1 (x=2) twice that; global
+    # a .71875, w1 .3125, w2 .025. Round 1 from there, (1+w1)(1+w2) = 1.3453125:
+    # subnet 0 grads a 1.3453125, w1 a(1+w2) = .73671875, w2 a(1+w1) = .943359375
+    #   buffers .9 * old + grad: a 3.0328125, w1 1.86171875, w2 2.293359375
+    #   values: a .41546875, w1 .126328125, w2 -.2043359375
+    # subnet 1 grads twice those; buffers a 6.065625, w1 3.7234375, w2 4.58671875
+    #   values: a .1121875, w1 -.05984375, w2 -.433671875
+    # averages: a .263828125, w1 .0332421875, w2 -.31900390625
+    model = _scalar_resnet()
+    d = ResidualDecomposition(model, 2, min_blocks=2, example_input=torch.ones(1, 1))
+    ref = ReferenceIST(d, lambda p: _sgd(p, momentum=0.9), optimizer_state="local")
+    batches = [[[torch.ones(1, 1)]], [[torch.full((1, 1), 2.0)]]]
+    ref.run_round(batches, _loss)
+    assert _values(model) == pytest.approx([0.71875, 0.3125, 0.025])
+    ref.run_round(batches, _loss)
+    assert _values(model) == pytest.approx([0.263828125, 0.0332421875, -0.31900390625])
+    buffers = [[opt.state[p]["momentum_buffer"].item() for p in sub.parameters()]
+               for sub, opt in zip(ref.subnets, ref.optimizers)]
+    assert buffers == [pytest.approx([3.0328125, 1.86171875, 2.293359375]),
+                       pytest.approx([6.065625, 3.7234375, 4.58671875])]
+
+
+def test_local_policy_keeps_state_only_for_identical_pieces():
+    idx = lambda *i: torch.tensor(i)  # noqa: E731
+    held = [Piece("stem", "stem"), Piece("b0", "stage.3"), Piece("b1", "stage.5"),
+            Piece("h", "fc.weight", (idx(0, 2), None)), Piece("o", "out.weight", (None, idx(1, 3)))]
+    following = [Piece("stem", "stem"), Piece("b0", "stage.5"), Piece("b1", "stage.6"),
+                 Piece("h", "fc.weight", (idx(0, 2), None)), Piece("o", "out.weight", (None, idx(1, 2)))]
+    # stem kept; block 5 moved from slot b1 to b0 (its state goes with it); block 6 is new;
+    # the same neurons kept; other neurons start fresh
+    assert kept_tensors(held, following) == {"stem": "stem", "b0": "b1", "h": "h"}
+    assert kept_tensors([], following) == {}
 
 
 def test_batchnorm_buffers_are_averaged_by_hand():

@@ -82,6 +82,8 @@ def test_bad_deepspeed_setup_fails_before_any_process_group(monkeypatch):
         ISTAccelerator(ISTConfig(num_subnets=2, group_size=2), deepspeed_plugin=plugin, mixed_precision="fp16")
     with pytest.raises(ValueError, match="dense_warmup_steps is not supported under DeepSpeed"):
         ISTAccelerator(ISTConfig(num_subnets=2, group_size=2), deepspeed_plugin=plugin, dense_warmup_steps=2)
+    with pytest.raises(ValueError, match="optimizer_state='local' is not supported under DeepSpeed"):
+        ISTAccelerator(ISTConfig(num_subnets=2, group_size=2, optimizer_state="local"), deepspeed_plugin=plugin)
     assert not dist.is_initialized()
 
 

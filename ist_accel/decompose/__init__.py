@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..config import ISTConfig
-from .base import Assignment, Decomposition, Piece, average_into_global, keep_frozen, load_subnet, state_tensors
+from .base import (Assignment, Decomposition, Piece, average_into_global, keep_frozen, kept_tensors, load_subnet,
+                   state_tensors)
 from .mlp import MLPDecomposition, find_mlp_layers
 from .residual import ResidualDecomposition, ResidualStage, find_residual_stages
 from .transformer import TransformerLayerDecomposition, find_layer_stacks, is_transformer
@@ -57,5 +58,5 @@ def decompose(
 __all__ = [
     "Assignment", "Decomposition", "MLPDecomposition", "Piece", "ResidualDecomposition",
     "ResidualStage", "TransformerLayerDecomposition", "TransformerWidthDecomposition", "average_into_global", "find_layer_stacks", "is_transformer", "blocks_per_subnet", "deal_blocks", "decompose",
-    "find_mlp_layers", "find_residual_stages", "keep_frozen", "load_subnet", "split_neurons", "state_tensors",
+    "find_mlp_layers", "find_residual_stages", "keep_frozen", "kept_tensors", "load_subnet", "split_neurons", "state_tensors",
 ]

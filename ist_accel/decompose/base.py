@@ -213,6 +213,27 @@ def keep_frozen(subnet: nn.Module, frozen: set[str], pieces: list[Piece]) -> Non
             param.requires_grad_(piece.global_name not in frozen)
 
 
+def kept_tensors(held: list[Piece], following: list[Piece]) -> dict[str, str]:
+    """Optimizer-state policy ``local``: which subnet tensors of the next round hold exactly
+    the global values a tensor of this round held (same global tensor, same index), as
+    ``{next subnet name: this round's subnet name}``. Their optimizer state can stay where
+    it is (the shared set always; a ResIST block dealt to the same group again, even in
+    another slot); every other tensor starts fresh."""
+
+    def signature(piece: Piece) -> tuple:
+        index = None if piece.index is None else tuple(None if i is None else tuple(i.tolist()) for i in piece.index)
+        return piece.global_name, index
+
+    def by_tensor(pieces: list[Piece]) -> dict[str, tuple]:
+        out: dict[str, list[tuple]] = {}
+        for piece in pieces:
+            out.setdefault(piece.subnet_name, []).append(signature(piece))
+        return {name: tuple(sorted(sigs, key=repr)) for name, sigs in out.items()}
+
+    source = {sig: name for name, sig in by_tensor(held).items()}
+    return {name: source[sig] for name, sig in by_tensor(following).items() if sig in source}
+
+
 def average_into_global(
     global_state: Mapping[str, torch.Tensor],
     contributions: list[tuple[list[Piece], Mapping[str, torch.Tensor]]],
