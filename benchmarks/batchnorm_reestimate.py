@@ -1,11 +1,13 @@
 """Issue 17, item 4: does re-estimating BatchNorm statistics of the global model before
-evaluation close IST's accuracy gap? Offline, on a finished ``recipes/ist_mlp.py`` run.
+evaluation close IST's accuracy gap? Offline, on a finished ``recipes/ist_mlp.py`` (MNIST MLP)
+or ``recipes/resist_cifar.py`` (CIFAR pre-activation ResNet) run.
 
 The exported model (the global model in its evaluation view, ``output_dir/model``) is loaded
-into the plain MLP; its BatchNorm running statistics are recomputed as a cumulative average
-over ``--batches`` seeded training batches (the global model's activations differ from any
-subnet's, whose statistics the average holds), then scored on the split the run scored
-(``--val-split`` held-out part or the test set), against the statistics as saved.
+into the plain model the run's command names; its BatchNorm running statistics are recomputed
+as a cumulative average over ``--batches`` seeded training batches (the global model's
+activations differ from any subnet's, whose statistics the average holds; images with the
+recipe's training augmentation, as the statistics were gathered), then scored on the split the
+run scored (``--val-split`` held-out part or the test set), against the statistics as saved.
 
     python benchmarks/batchnorm_reestimate.py runs/ist_seed0 --batches 10 40
 """
@@ -20,14 +22,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ist_accel.data import load_mnist
-from ist_accel.models import MLP
+from ist_accel.data import load_image_data, load_mnist
+from ist_accel.models import MLP, build_model
 from ist_accel.sharded import load_folder
 from ist_accel.training import held_out_split
 
 
-def _flag(command: list[str], name: str, default: str) -> str:
-    return command[command.index(name) + 1] if name in command else default
+def _flag(command: list[str], name: str, default: str | None) -> str | None:
+    """The value argparse keeps: the last ``name`` given (compare.py's extra flags come last)."""
+    at = [i for i, a in enumerate(command) if a == name]
+    return command[at[-1] + 1] if at else default
 
 
 def accuracy(model: nn.Module, data) -> float:
@@ -58,19 +62,28 @@ def reestimate(model: nn.Module, data, batches: int, batch_size: int, seed: int)
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path, help="an ist_mlp.py output folder (results.json, command.json, model/)")
+    p.add_argument("run", type=Path, help="an ist_mlp.py or resist_cifar.py output folder (command.json, model/)")
     p.add_argument("--batches", type=int, nargs="+", default=[10, 40])
     args = p.parse_args(argv)
     command = json.loads((args.run / "command.json").read_text())
     seed, val = int(_flag(command, "--seed", "0")), float(_flag(command, "--val-split", "0"))
-    hidden = [1024, 1024]  # the recipe's default
-    if "--hidden" in command:
-        rest = command[command.index("--hidden") + 1:]
-        hidden = [int(h) for h in rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]]
-    train, test = load_mnist(_flag(command, "--data", "../shared/datasets/mnist"))
+    recipe = next((Path(a).name for a in command if a.endswith(".py")), "")
+    if recipe == "resist_cifar.py":
+        train, test, num_classes, _ = load_image_data(_flag(command, "--data", None), 32, "cifar",
+                                                      _flag(command, "--data-cache", None), seed)
+        model = build_model(_flag(command, "--arch", "preact_resnet101"), num_classes=num_classes)
+    elif recipe == "ist_mlp.py":
+        hidden = [1024, 1024]  # the recipe's default
+        if "--hidden" in command:
+            rest = command[command.index("--hidden") + 1:]
+            hidden = [int(h) for h in rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]]
+        train, test = load_mnist(_flag(command, "--data", "../shared/datasets/mnist"))
+        model = MLP(784, hidden, 10, norm="batch")
+    else:
+        raise SystemExit(f"{args.run}: its command.json runs {recipe or 'no recipe'}; "
+                         "accepted: ist_mlp.py or resist_cifar.py runs")
     if val:  # the recipe's own held-out split
-        train, test = held_out_split(train, val, seed)
-    model = MLP(784, hidden, 10, norm="batch")
+        train, test = held_out_split(train, val, seed, test)
     saved = load_folder(args.run / "model")
     model.load_state_dict(saved)
     out = {"run": str(args.run), "split": "held-out train" if val else "test", "as_saved": accuracy(model, test)}

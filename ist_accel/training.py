@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -345,11 +346,20 @@ def model_context(args: argparse.Namespace) -> Any:
     return torch.device("meta") if getattr(args, "init", "real") == "meta" else contextlib.nullcontext()
 
 
-def held_out_split(train_set: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """``--val-split``: a seeded ``fraction`` of ``train_set`` held out; (the rest, the held-out part)."""
+def held_out_split(train_set: Dataset, fraction: float, seed: int,
+                   eval_set: Dataset | None = None) -> tuple[Dataset, Dataset]:
+    """``--val-split``: a seeded ``fraction`` of ``train_set`` held out; (the rest, the held-out part).
+
+    The held-out part is scored as the test set is: where both sets have a ``transform``
+    (image folders), it reads the training images through ``eval_set``'s, not the training
+    augmentation (a random crop and flip would make each evaluation a different draw)."""
     held = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = max(1, int(len(train_set) * fraction))
-    return torch.utils.data.Subset(train_set, held[cut:]), torch.utils.data.Subset(train_set, held[:cut])
+    scored = train_set
+    if eval_set is not None and hasattr(train_set, "transform") and hasattr(eval_set, "transform"):
+        scored = copy.copy(train_set)  # the same files, read as the test set is
+        scored.transform = eval_set.transform
+    return torch.utils.data.Subset(train_set, held[cut:]), torch.utils.data.Subset(scored, held[:cut])
 
 
 def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[str, Any] | None:
@@ -357,7 +367,7 @@ def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[st
     if is_meta(model) and args.method != "ist":  # a baseline holds the whole model: the same initial values
         model = materialize(model, args.seed)
     if getattr(args, "val_split", 0.0):  # a held-out part of the training set takes the test set's place
-        train_set, eval_set = held_out_split(train_set, args.val_split, args.seed)
+        train_set, eval_set = held_out_split(train_set, args.val_split, args.seed, eval_set)
     if getattr(args, "eval_samples", 0):
         eval_set = torch.utils.data.Subset(eval_set, range(min(args.eval_samples, len(eval_set))))
     output = Path(args.output_dir)

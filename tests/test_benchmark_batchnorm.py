@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -28,3 +29,13 @@ def test_reestimated_statistics_are_the_average_of_the_batch_statistics():
     bench.reestimate(model, data, batches=2, batch_size=5, seed=3)  # two halves: the average of their means
     torch.testing.assert_close(norm.running_mean, pre.mean(0))
     assert int(norm.num_batches_tracked) == 2
+
+
+def test_a_run_of_another_recipe_is_refused_by_name(tmp_path):
+    spec = importlib.util.spec_from_file_location("batchnorm_reestimate", ROOT / "benchmarks" / "batchnorm_reestimate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "command.json").write_text('["python", "recipes/lm_recipe.py", "--seed", "0"]')
+    with pytest.raises(SystemExit, match=r"runs lm_recipe.py; accepted: ist_mlp.py or resist_cifar.py"):
+        bench.main([str(tmp_path)])
+    assert bench._flag(["--arch", "a", "--arch", "b"], "--arch", "c") == "b"  # the value argparse keeps

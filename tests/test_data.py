@@ -226,3 +226,34 @@ def test_find_split_dirs_errors(tmp_path: Path) -> None:
     assert find_split_dirs(tmp_path) == (tmp_path / "train", tmp_path / "val")
     with pytest.raises(FileNotFoundError, match="no such tarball"):
         extract_tarball(tmp_path / "missing.tar.gz", tmp_path / "out")
+
+
+def test_held_out_split_scores_training_images_as_the_test_set_is(tmp_path: Path) -> None:
+    """--val-split on an image folder: the held-out images go through the eval transform (no
+    random crop or flip: the same tensor every time), the rest keep the training augmentation."""
+    from PIL import Image
+
+    from ist_accel.training import held_out_split
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(5):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    train, test, _ = load_image_folder(tmp_path)
+    rest, held = held_out_split(train, 0.3, seed=1, eval_set=test)
+    assert (len(rest), len(held)) == (7, 3) and not set(rest.indices) & set(held.indices)
+    for i, index in enumerate(held.indices):
+        path, label = train.samples[index]
+        with Image.open(path) as image:
+            expected = test.transform(image.convert("RGB"))
+        torch.manual_seed(i)
+        first = held[i][0]
+        torch.manual_seed(i + 100)
+        assert torch.equal(first, held[i][0]) and torch.equal(first, expected) and held[i][1] == label
+    assert rest.dataset is train and "RandomCrop" in repr(train.transform)  # training keeps its augmentation
+    draws = {tuple(rest[0][0].flatten()[:64].tolist()) for _ in range(8)}
+    assert len(draws) > 1  # a random crop or flip: the training side still augments
+    assert held_out_split(train, 0.3, seed=1)[1].dataset is train  # no eval set given: as before
