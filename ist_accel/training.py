@@ -521,6 +521,8 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
                 if step >= total_steps:
                     break
     bar.close()
+    if getattr(accelerator, "ist", None) is not None:  # a last, shorter round reaches the model that is scored and
+        accelerator.ist.finish()  # saved, and its bytes are counted, as LocalSGD's sync at exit and DiLoCo's last step
     train_seconds = time.perf_counter() - started - eval_time
     with tap.phase("eval"):
         accuracy = evaluate(accelerator, model, eval_loader)

@@ -143,6 +143,22 @@ def test_torchft_diloco_baseline_trains_and_counts_its_syncs(tmp_path):
 
 
 @needs_mnist
+def test_ist_syncs_its_last_shorter_round_before_scoring_and_counts_it(tmp_path):
+    """45 steps with --local-steps 10: IST's fifth round, 5 steps long, is synced before the
+    final evaluation (nothing reads the global model mid-round), and counted among the rounds
+    and the exchange's bytes, as LocalSGD's sync at exit and DiLoCo's last outer step are."""
+    common = ["--data", str(MNIST), "--hidden", "64", "64", "--local-steps", "10", "--schedule", "constant"]
+    r40 = launch("ist_mlp.py", [*common, "--max-steps", "40"], tmp_path / "40")
+    proc = accelerate_launch(RECIPES / "ist_mlp.py", 2, [*common, "--max-steps", "45",
+                                                        "--output-dir", str(tmp_path / "45")])
+    r45 = json.loads((tmp_path / "45" / "results.json").read_text())
+    assert (r40["rounds"], r45["rounds"]) == (4, 5)
+    assert "read 5 steps into round" not in proc.stderr, proc.stderr[-3000:]
+    per_round = r40["bytes_by_phase"]["exchange"] / 4  # the wiretap's count, around the engine's syncs
+    assert r45["bytes_by_phase"]["exchange"] - r40["bytes_by_phase"]["exchange"] > 0.5 * per_round
+
+
+@needs_mnist
 @pytest.mark.parametrize("policy", ["reset", "reset-diloco", "local"])
 def test_stop_mid_round_and_resume_equals_uninterrupted(tmp_path, policy):
     """Checkpoints every 2 rounds; a run stopped at step 45 (mid-round) resumes from step 40
