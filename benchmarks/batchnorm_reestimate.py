@@ -29,9 +29,15 @@ from ist_accel.training import held_out_split
 
 
 def _flag(command: list[str], name: str, default: str | None) -> str | None:
-    """The value argparse keeps: the last ``name`` given (compare.py's extra flags come last)."""
-    at = [i for i, a in enumerate(command) if a == name]
-    return command[at[-1] + 1] if at else default
+    """The value argparse keeps: the last ``name`` given, as ``name value`` or ``name=value``
+    (compare.py's extra flags come last; its ``--ist-args`` pass the ``=`` form)."""
+    found = default
+    for i, a in enumerate(command):
+        if a == name and i + 1 < len(command):
+            found = command[i + 1]
+        elif a.startswith(name + "="):
+            found = a[len(name) + 1:]
+    return found
 
 
 def accuracy(model: nn.Module, data) -> float:
@@ -60,12 +66,11 @@ def reestimate(model: nn.Module, data, batches: int, batch_size: int, seed: int)
     model.eval()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path, help="an ist_mlp.py or resist_cifar.py output folder (command.json, model/)")
-    p.add_argument("--batches", type=int, nargs="+", default=[10, 40])
-    args = p.parse_args(argv)
-    command = json.loads((args.run / "command.json").read_text())
+def load_run(run: Path) -> tuple[list[str], nn.Module, dict, object, object]:
+    """(command, plain model, exported state, training set, scored split) of a finished
+    ``ist_mlp.py`` or ``resist_cifar.py`` run: the split is the run's ``--val-split`` held-out
+    part, read through the test set's transform, or the test set."""
+    command = json.loads((run / "command.json").read_text())
     seed, val = int(_flag(command, "--seed", "0")), float(_flag(command, "--val-split", "0"))
     recipe = next((Path(a).name for a in command if a.endswith(".py")), "")
     if recipe == "resist_cifar.py":
@@ -80,11 +85,20 @@ def main(argv: list[str] | None = None) -> dict:
         train, test = load_mnist(_flag(command, "--data", "../shared/datasets/mnist"))
         model = MLP(784, hidden, 10, norm="batch")
     else:
-        raise SystemExit(f"{args.run}: its command.json runs {recipe or 'no recipe'}; "
+        raise SystemExit(f"{run}: its command.json runs {recipe or 'no recipe'}; "
                          "accepted: ist_mlp.py or resist_cifar.py runs")
     if val:  # the recipe's own held-out split
         train, test = held_out_split(train, val, seed, test)
-    saved = load_folder(args.run / "model")
+    return command, model, load_folder(run / "model"), train, test
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="an ist_mlp.py or resist_cifar.py output folder (command.json, model/)")
+    p.add_argument("--batches", type=int, nargs="+", default=[10, 40])
+    args = p.parse_args(argv)
+    command, model, saved, train, test = load_run(args.run)
+    seed, val = int(_flag(command, "--seed", "0")), float(_flag(command, "--val-split", "0"))
     model.load_state_dict(saved)
     out = {"run": str(args.run), "split": "held-out train" if val else "test", "as_saved": accuracy(model, test)}
     for n in args.batches:
