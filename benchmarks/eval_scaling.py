@@ -55,8 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [f for f in args.factors if not f > 0 or f == float("inf")]
     if bad:
         raise SystemExit(f"--factors must be finite and > 0, got {bad[0]!r}")
+    if not (args.run / "command.json").is_file() or not (args.run / "model").is_dir():
+        raise SystemExit(f"{args.run}: not a finished run folder; accepted: a recipe's --output-dir with "
+                         "command.json and model/ (compare.py's runs/<method>_seed<n>)")
+    config, folded = run_config(json.loads((args.run / "command.json").read_text()))  # refuse before loading data
     command, model, saved, _, test = load_run(args.run)
-    config, folded = run_config(command)
     decomposition = decompose(model, config)
     out = {"run": str(args.run), "split": "held-out train" if float(_flag(command, "--val-split", "0")) else "test",
            "run_factors": sorted({f for _, f, _ in decomposition.eval_scalings()}) if folded else [1.0]}
