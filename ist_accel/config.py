@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 DECOMPOSITIONS = ("auto", "resist", "ist_mlp", "layers", "ffn", "heads")
 OPTIMIZER_STATE_POLICIES = ("reset", "carry", "local")
-WIRE_DTYPES = ("fp32", "bf16", "fp16")
+WIRE_DTYPES = ("fp32", "bf16", "fp16", "fp64")
 NONFINITE_POLICIES = ("raise", "skip")
 GLOBAL_VIEWS = ("auto", "gather", "stream")
 
@@ -49,7 +49,9 @@ class ISTConfig:
         seed: shared seed; the assignment of round r is a pure function of (seed, r).
         eval_scaling: scale partitioned units in the evaluation view (ResIST: the
             residual branch by ``max(1/S, m/N)``; IST: inputs of cut layers by ``1/S``).
-        wire_dtype: dtype on the wire for the exchange; master values stay fp32.
+        wire_dtype: dtype on the wire for the exchange (``"fp64"`` for float64 models, as
+            exact checks use); master values stay in the model's dtype, averaged in fp32
+            (float64 for a float64 model).
         nonfinite: a subnet whose update holds NaN/Inf at sync: ``"raise"`` on every
             rank, or ``"skip"`` (drop that group's update of the round, warn; keeps a copy
             of the round's starting subnet).

@@ -29,7 +29,13 @@ from .topology import Topology
 from .transfer import Segment, TransferPlan, read_box, write_box
 from .transport import Transport
 
-WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def value_dtype(dtypes) -> torch.dtype:
+    """The dtype values are averaged in: float64 when the model holds float64 tensors
+    (exact checks), else float32 (master values of fp32, bf16 or fp16 models)."""
+    return torch.float64 if torch.float64 in set(dtypes) else torch.float32
 
 
 class OwnerShards:
@@ -98,9 +104,10 @@ class Exchange:
     """Runs transfer plans for one rank (module docstring)."""
 
     def __init__(self, topology: Topology, transport: Transport, wire_dtype: str = "fp32",
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", values: torch.dtype = torch.float32) -> None:
         self.topology, self.transport = topology, transport
         self.wire = WIRE_DTYPES[wire_dtype]
+        self.values = values  # the dtype averages are computed in (:func:`value_dtype`)
         self.device = torch.device(device)
         self.owners = OwnerShards(self.device)
         self.buffers = Buffers(self.device)
@@ -130,7 +137,7 @@ class Exchange:
 
     def _flat_bucket(self, plan: TransferPlan) -> torch.Tensor | None:
         """The flat shared buffer, when it is laid out as this plan's bucket."""
-        if self.flat_shared is None or self.wire != torch.float32:
+        if self.flat_shared is None or self.wire != self.values:
             return None
         flat, layout = self.flat_shared
         ok = layout == tuple((plan.fields[i].name, offset, n) for i, offset, n in plan.shared)
@@ -153,7 +160,7 @@ class Exchange:
             for i, at in plan.whole_out[c]:
                 value = current[i]
                 messages[c][at : at + value.numel()].copy_(value.reshape(-1))
-        keep = self.buffers.get("keep", plan.keep_size, torch.float32)  # local: not rounded to the wire dtype
+        keep = self.buffers.get("keep", plan.keep_size, self.values)  # local: not rounded to the wire dtype
         for seg in plan.keep_out:
             self._take(plan, current, seg, keep)
         for i, at in plan.whole_keep:
@@ -244,8 +251,8 @@ class Exchange:
                     return packed.received[holder][where : where + n].view(target.shape)
                 return target if where == "inplace" else packed.keep[where : where + n].view(target.shape)
 
-            first_inplace = avg.parts[0] == (me, "inplace") and target.dtype == torch.float32
-            acc = target if first_inplace else self.buffers.get("average", n, torch.float32).view(target.shape)
+            first_inplace = avg.parts[0] == (me, "inplace") and target.dtype == self.values
+            acc = target if first_inplace else self.buffers.get("average", n, self.values).view(target.shape)
             if not first_inplace:
                 acc.copy_(part(*avg.parts[0]))
             for holder, where in avg.parts[1:]:
@@ -291,4 +298,4 @@ def _stripe(t: torch.Tensor, parts: int, i: int) -> torch.Tensor:
     return t[start : start + _stripe_size(t.numel(), parts, i)]
 
 
-__all__ = ["Buffers", "Exchange", "OwnerShards", "Packed", "Timings", "WIRE_DTYPES"]
+__all__ = ["Buffers", "Exchange", "OwnerShards", "Packed", "Timings", "WIRE_DTYPES", "value_dtype"]

@@ -110,8 +110,10 @@ class GatherPlan:
 class GlobalView:
     """Gathers the global model into ``model``'s tensors (module docstring)."""
 
-    def __init__(self, topology: Topology, transport: Transport, device: torch.device) -> None:
+    def __init__(self, topology: Topology, transport: Transport, device: torch.device,
+                 values: torch.dtype = torch.float32) -> None:
         self.topology, self.transport, self.device = topology, transport, device
+        self.values = values  # the dtype contributions travel and are summed in
         self._plans: dict[int, GatherPlan] = {}
 
     def plan(self, round_: int, fields: Sequence[FieldSpec], layouts: Mapping[str, Layout]) -> GatherPlan:
@@ -131,7 +133,7 @@ class GlobalView:
             return False  # the leaders carry their groups' contributions
         group = top.stripe  # G = 1: the default group; else this replica (leaders: replica 0) across groups
         # the shared set: summed over the groups
-        bucket = torch.empty(plan.shared_numel, dtype=torch.float32, device=self.device)
+        bucket = torch.empty(plan.shared_numel, dtype=self.values, device=self.device)
         for i, offset, n in plan.shared:
             bucket[offset : offset + n].copy_(current[i].reshape(-1))
         if S > 1 and plan.shared_numel:
@@ -141,7 +143,7 @@ class GlobalView:
                 self.transport.reduce(bucket, dst, "gather", group=group)
         mine = plan.contributions[top.group_index]
         width = max(c.size for c in plan.contributions)
-        chunk = torch.zeros(width, dtype=torch.float32, device=self.device)
+        chunk = torch.zeros(width, dtype=self.values, device=self.device)
         for part in mine.parts:
             source = current[part.field] if part.store == "sub" else owners[plan.fields[part.field].name]
             read_box(source, part.rows, part.cols, chunk[part.offset : part.offset + part.numel].view(part.shape))
@@ -149,7 +151,7 @@ class GlobalView:
             chunk[offset : offset + n].copy_(current[i].reshape(-1))
         receiving = dst is None or top.rank == dst
         if dst is None:
-            chunks = [torch.empty(width, dtype=torch.float32, device=self.device) for _ in range(S)] if S > 1 else [chunk]
+            chunks = [torch.empty(width, dtype=self.values, device=self.device) for _ in range(S)] if S > 1 else [chunk]
             if S > 1 and width:
                 self.transport.all_gather(chunks, chunk, "gather", group=group)
         else:
@@ -157,7 +159,7 @@ class GlobalView:
             dst_group = dst // top.G
             chunks[top.group_index] = chunk
             if top.rank == dst:
-                recvs = {g * top.G: torch.empty(plan.contributions[g].size, dtype=torch.float32, device=self.device)
+                recvs = {g * top.G: torch.empty(plan.contributions[g].size, dtype=self.values, device=self.device)
                          for g in range(S) if g != dst_group and plan.contributions[g].size}
                 self.transport.point_to_point({}, recvs, "gather")
                 for g in range(S):

@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import ISTConfig
 from .decompose import Assignment, keep_frozen, kept_tensors, state_tensors
-from .exchange import Exchange, Timings
+from .exchange import Exchange, Timings, value_dtype
 from .faults import ISTError, ISTSyncError, inject, peer_failures
 from .global_view import GlobalView, streamed
 from .guard import PHASES, RoundGuard, all_finite, clone_state
@@ -153,8 +153,9 @@ class IST:
         self.pieces = self.decomposition.pieces(self.assignment, self.group_index)
         self._fill_subnet()
         keep_frozen(self.subnet, self.frozen, self.pieces)
-        self.exchange = Exchange(top, self.transport, wire_dtype=config.wire_dtype, device=self.device)
-        self.global_view = GlobalView(top, self.transport, self.device)
+        self.values = value_dtype(dt for _, dt in self.global_shapes.values())
+        self.exchange = Exchange(top, self.transport, wire_dtype=config.wire_dtype, device=self.device, values=self.values)
+        self.global_view = GlobalView(top, self.transport, self.device, self.values)
         self.optimizer = self._make_optimizer(optimizer)
         self.tensors: SubnetTensors = SubnetTensors(self.subnet, self.optimizer)
         self.outer = config.outer()  # the round's outer optimizer (ist_accel.outer); plain averaging by default
@@ -769,7 +770,7 @@ class IST:
             return
         logger.warning("IST: the ranks' initial models differ (seed them alike to save this); rank 0's values are sent")
         tensors = list(state_tensors(model).values())
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+        flat = torch.cat([t.detach().reshape(-1).to(value_dtype(t.dtype for t in tensors)) for t in tensors])
         self.transport.broadcast(flat, 0, "setup")
         offset = 0
         with torch.no_grad():
@@ -811,13 +812,13 @@ class IST:
         """Make the subnet's shared tensors views of one flat buffer in the plan's bucket
         order, so the shared set is all-reduced in place: no copy in or out."""
         plan = self._plan
-        if not self.tensors.live or not plan.shared or self.exchange.wire != torch.float32:
+        if not self.tensors.live or not plan.shared or self.exchange.wire != self.values:
             return
         values = self.tensors.tensors()
         names = [plan.names(i) for i, _, _ in plan.shared]
-        if any(now != nxt for now, nxt in names) or any(values[n].dtype != torch.float32 for n, _ in names):
+        if any(now != nxt for now, nxt in names) or any(values[n].dtype != self.values for n, _ in names):
             return
-        flat = torch.empty(plan.shared_numel, dtype=torch.float32, device=self.device)
+        flat = torch.empty(plan.shared_numel, dtype=self.values, device=self.device)
         slots = {name: (store, attr) for name, store, attr in self.tensors._slots.slots}
         with torch.no_grad():
             for (name, _), (i, offset, n) in zip(names, plan.shared):
@@ -835,7 +836,7 @@ class IST:
         names = [n for n, _ in self.subnet.named_buffers() if n in values]
         if not names:
             return {}
-        flat = torch.cat([values[n].reshape(-1) for n in names]).float()
+        flat = torch.cat([values[n].reshape(-1) for n in names]).to(self.values)
         self.transport.all_reduce(flat, "intra", group=self.intra)
         flat /= self.config.group_size
         out, offset = {}, 0

@@ -106,13 +106,14 @@ class MLPDecomposition(Decomposition):
         for name, l in self.norms.items():
             old = get_module(self.model, name)
             width = self.widths[self.linears[l]] // S
-            device = next(old.parameters(), next(old.buffers(), torch.empty(0))).device
+            like = next(old.parameters(), next(old.buffers(), torch.empty(0)))
+            device, dtype = like.device, like.dtype
             if isinstance(old, nn.BatchNorm1d):
                 new = nn.BatchNorm1d(width, eps=old.eps, momentum=old.momentum, affine=old.affine,
-                                     track_running_stats=old.track_running_stats, device=device)
+                                     track_running_stats=old.track_running_stats, device=device, dtype=dtype)
             else:
                 new = nn.LayerNorm(width, eps=old.eps, elementwise_affine=old.elementwise_affine,
-                                   bias=getattr(old, "bias", None) is not None, device=device)
+                                   bias=getattr(old, "bias", None) is not None, device=device, dtype=dtype)
             set_module(sub, name, new)
         return sub
 

@@ -33,8 +33,8 @@ class Trace:
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor:
-    """A small input matching the model's first layer (images: 1 x C x 32 x 32), on the
-    model's device (a meta-device model is traced on meta tensors: shapes, no values)."""
+    """A small input matching the model's first layer (images: 1 x C x 32 x 32) in its dtype,
+    on the model's device (a meta-device model is traced on meta tensors: shapes, no values)."""
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -45,7 +45,7 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
             shape = (2, module.in_features)
         else:
             continue
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(module.weight.dtype)
         return x.to(device) if device.type == "meta" else x
     raise ValueError(
         f"cannot guess an input for {type(model).__name__}: it has no Conv or Linear layer; "

@@ -6,8 +6,14 @@ from torch import nn
 from ist_accel.models import MLP, build_model
 
 
-def make_model(name: str) -> nn.Module:
+def make_model(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The test model ``name`` in ``dtype`` (float64 where fp32 rounding would be amplified:
+    the same initial values, rounded from the same fp32 draws)."""
     torch.manual_seed(1234)
+    return _make_model(name).to(dtype)
+
+
+def _make_model(name: str) -> nn.Module:
     if name == "resnet":
         return build_model("preact_resnet32", num_classes=4)  # layer3: 4 partitionable blocks, BatchNorm
     if name == "mlp":
@@ -22,14 +28,14 @@ def make_model(name: str) -> nn.Module:
     raise ValueError(name)
 
 
-def batch_for(name: str, subnet: int, replica: int, step: int):
+def batch_for(name: str, subnet: int, replica: int, step: int, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(1000 * subnet + 100 * replica + step)
     if name == "resnet":
-        return torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 4, (4,), generator=g)
+        return torch.randn(4, 3, 16, 16, generator=g).to(dtype), torch.randint(0, 4, (4,), generator=g)
     if name == "gpt2":
         tokens = torch.randint(0, 31, (4, 10), generator=g)
         return tokens, tokens
-    return torch.randn(6, 12, generator=g), torch.randint(0, 3, (6,), generator=g)
+    return torch.randn(6, 12, generator=g).to(dtype), torch.randint(0, 3, (6,), generator=g)
 
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:
@@ -47,7 +53,7 @@ def score(model: nn.Module, batch) -> tuple[float, int]:
     return float((model(x).argmax(-1) == y).sum()), len(y)
 
 
-def eval_items(name: str) -> list:
+def eval_items(name: str, dtype: torch.dtype = torch.float32) -> list:
     """A small deterministic evaluation set of (input, label) items."""
     g = torch.Generator().manual_seed(99)
     if name == "gpt2":
@@ -57,7 +63,7 @@ def eval_items(name: str) -> list:
         xs, ys = torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 4, (24,), generator=g)
     else:
         xs, ys = torch.randn(50, 12, generator=g), torch.randint(0, 3, (50,), generator=g)
-    return list(zip(xs, ys))
+    return list(zip(xs.to(dtype), ys))
 
 
 class WireCount:

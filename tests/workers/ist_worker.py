@@ -37,7 +37,10 @@ def main() -> None:
     ap.add_argument("--outer-momentum", type=float, default=0.0)
     ap.add_argument("--outer-nesterov", action="store_true")
     ap.add_argument("--min-blocks", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="the model's and batches' dtype (float64 with --wire-dtype fp64: exact checks)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
@@ -45,7 +48,7 @@ def main() -> None:
                        wire_dtype=args.wire_dtype, nonfinite=args.nonfinite, decomposition=args.decomposition, sync_timeout=args.timeout,
                        outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, outer_nesterov=args.outer_nesterov,
                        min_blocks=args.min_blocks)
-    model = make_model(args.model)
+    model = make_model(args.model, dtype)
     tap = Wiretap().install()  # the package's wiretap, which the recipes report: checked against the engine
     wire = WireCount().install()  # the test's own count (tests/workers/common.py), apart from both
     ist = IST(model, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), config)
@@ -67,13 +70,13 @@ def main() -> None:
     resident_after_setup = ist.resident_elements()
     s, g = ist.group_index, ist.replica
     for t in range(args.rounds * args.local_steps):
-        loss = loss_fn(ist.model, batch_for(args.model, s, g, t))
+        loss = loss_fn(ist.model, batch_for(args.model, s, g, t, dtype))
         loss.backward()
         peak = ist.resident_elements()
         ist.optimizer.step()
         ist.optimizer.zero_grad(set_to_none=True)
     history = [vars(m) for m in ist.totals.history]
-    accuracy = ist.evaluate(eval_items(args.model), batch_size=7, score=score)
+    accuracy = ist.evaluate(eval_items(args.model, dtype), batch_size=7, score=score)
     resident_after_eval = ist.resident_elements()
     model = ist.gather_global(dst=0)
     if ist.rank == 0:
