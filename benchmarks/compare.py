@@ -11,6 +11,9 @@ run whose exact command was run before (``runs/*/command.json``) is reused, not 
 
     python benchmarks/compare.py --task mnist --num-subnets 2 --epochs 3 --seeds 0 1 --out docs/bench
     python benchmarks/compare.py --task cifar10 --num-subnets 4 --epochs 5 --out docs/bench
+    # on N shaped network nodes, each method for a wall-clock budget (benchmarks/network.py; root):
+    python benchmarks/compare.py --task mnist --num-subnets 4 --epochs 100 --local-steps 20 --eval-every 40 \
+        --network 4xnone 4x100mbit 4x20mbit --train-seconds 120 --target 0.95 --out docs/bench
     # an IST variant as one more row of the same table:
     python benchmarks/compare.py --task cifar10 --num-subnets 4 --epochs 5 --out docs/bench --methods ist \
         --ist-name ist_outer --ist-args=--outer-lr=0.7 --ist-args=--outer-momentum=0.9 --merge
@@ -44,17 +47,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def recipe_command(task: str, method: str, seed: int, args: argparse.Namespace, out: Path) -> list[str]:
+    """The recipe and its arguments for one run (what follows the launcher's own flags)."""
+    recipe, data_args = TASKS[task]
+    return [str(ROOT / recipe), *data_args, "--method", method,
+            "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--local-steps", str(args.local_steps), "--eval-every", str(args.eval_every), "--output-dir", str(out),
+            *(["--lr", str(args.lr)] if args.lr else []), *args.extra, *(args.ist_args if method == "ist" else [])]
+
+
 def command(task: str, method: str, seed: int, args: argparse.Namespace, out: Path) -> list[str]:
     """The ``accelerate launch`` command of one run."""
-    recipe, data_args = TASKS[task]
-    gpus = args.gpu
-    launcher = ["--multi_gpu"] if gpus else ["--config_file", str(ROOT / "launch_configs" / "cpu.yaml")]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(args.num_subnets),
-           "--main_process_port", str(free_port()), str(ROOT / recipe), *data_args, "--method", method,
-           "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-           "--local-steps", str(args.local_steps), "--eval-every", str(args.eval_every), "--output-dir", str(out),
-           *(["--lr", str(args.lr)] if args.lr else []), *args.extra, *(args.ist_args if method == "ist" else [])]
-    return cmd
+    launcher = ["--multi_gpu"] if args.gpu else ["--config_file", str(ROOT / "launch_configs" / "cpu.yaml")]
+    return [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(args.num_subnets),
+            "--main_process_port", str(free_port()), *recipe_command(task, method, seed, args, out)]
 
 
 def launch(task: str, method: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -178,6 +184,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "variant beside plain IST: --ist-name ist_outer --ist-args=--outer-lr=0.7 ... --merge")
     ap.add_argument("--merge", action="store_true", help="keep the rows of OUT/<task>_S<n>/results.json whose "
                     "methods this invocation does not run (one table from several invocations)")
+    ap.add_argument("--network", nargs="+", default=[], metavar="NxRATE",
+                    help="run every method across N shaped network nodes per spec (benchmarks/network.py; root), "
+                         "e.g. 4xnone 4x1gbit 4x100mbit 4x20mbit: measured time to accuracy, kernel byte counts")
+    ap.add_argument("--train-seconds", type=float, default=0.0, help="--network: each run's training budget")
+    ap.add_argument("--target", type=float, default=0.0,
+                    help="--network: the common target accuracy (default: the lowest best accuracy of all runs)")
     ap.add_argument("--out", default="bench")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for the recipe")
     args = ap.parse_args(argv)
@@ -186,6 +198,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--ist-name {args.ist_name!r}: use letters, digits and '_', not a baseline's name")
     if args.eval_every % args.local_steps:
         raise SystemExit(f"--eval-every {args.eval_every} must be a multiple of --local-steps {args.local_steps}")
+    if args.network:
+        import network
+
+        return network.main(args, recipe_command)
     bandwidth = args.bandwidth_gbps * 1e9 / 8
     out = Path(args.out) / f"{args.task}_S{args.num_subnets}"
     runs: dict[str, list[dict]] = {}

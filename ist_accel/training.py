@@ -92,6 +92,11 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every this many steps (0: at the end)")
+    t.add_argument("--train-seconds", type=float, default=0.0,
+                   help="stop at the first evaluation after this much training wall-clock (evaluation excluded; "
+                        "needs --eval-every; 0: no limit)")
+    t.add_argument("--target-accuracy", type=float, default=0.0,
+                   help="stop at the first evaluation that reaches this accuracy (needs --eval-every; 0: never)")
     t.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first this many items (0: all)")
     t.add_argument("--val-split", type=float, default=0.0,
                    help="hold out this fraction of the training set (seeded) and evaluate on it instead of the test "
@@ -141,6 +146,12 @@ def check_args(args: argparse.Namespace) -> None:
     _check_number("--epochs", args.epochs, "a finite number", lambda v: True)
     _check_number("--dense-warmup-epochs", args.dense_warmup_epochs, "a finite number >= 0", lambda v: v >= 0)
     _check_number("--val-split", getattr(args, "val_split", 0.0), "a fraction in [0, 1)", lambda v: 0 <= v < 1)
+    _check_number("--train-seconds", args.train_seconds, "a finite number of seconds >= 0 (0: no limit)",
+                  lambda v: v >= 0)
+    _check_number("--target-accuracy", args.target_accuracy, "an accuracy in [0, 1] (0: never stop early)",
+                  lambda v: 0 <= v <= 1)
+    if (args.train_seconds or args.target_accuracy) and not args.eval_every:
+        raise SystemExit("--train-seconds and --target-accuracy are checked at evaluations: give --eval-every N")
     _check_number("--outer-lr", args.outer_lr, "a finite number > 0", lambda v: v > 0)
     _check_number("--outer-momentum", args.outer_momentum, "a finite number in [0, 1)", lambda v: 0 <= v < 1)
     if args.outer_nesterov and args.outer_momentum == 0:
@@ -465,9 +476,10 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
     history: list[dict[str, float]] = []  # accuracy against samples, bytes and seconds, at every evaluation
     eval_time = 0.0
     state_elements = live_bytes = state_bytes = 0
+    limited = False  # --train-seconds spent or --target-accuracy reached
     model.train()
     with local_sgd:
-        while progress.step < total_steps:
+        while progress.step < total_steps and not limited:
             epoch, skip = divmod(progress.batches_seen, batches_per_epoch)
             loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
             loader.set_epoch(epoch)
@@ -507,10 +519,13 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
                     with tap.phase("eval"):
                         accuracy = evaluate(accelerator, model, eval_loader)
                         history.append(_point(args, accelerator, progress, accuracy,
-                                              time.perf_counter() - started - eval_time, tap))
+                                              eval_started - started - eval_time, eval_time, tap))
                     eval_time += time.perf_counter() - eval_started
                     accelerator.log({"eval/accuracy": accuracy}, step=step)
                     bar.write(f"step {step}: eval accuracy {accuracy:.4f}") if accelerator.is_main_process else None
+                    limited = _reached_a_limit(args, history[-1])  # the same figures on every rank: all stop here
+                    if limited:
+                        break
                 if args.checkpoint_every and step % args.checkpoint_every == 0:
                     with tap.phase("save"):
                         _checkpoint(accelerator, args, step)
@@ -526,7 +541,7 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
     train_seconds = time.perf_counter() - started - eval_time
     with tap.phase("eval"):
         accuracy = evaluate(accelerator, model, eval_loader)
-        history.append(_point(args, accelerator, progress, accuracy, train_seconds, tap))
+        history.append(_point(args, accelerator, progress, accuracy, train_seconds, eval_time, tap))
     accelerator.log({"eval/accuracy": accuracy}, step=progress.step)
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, state_elements],
                         dtype=torch.float64, device=accelerator.device)
@@ -544,6 +559,19 @@ def _loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loa
             "peak_cuda_mib": peak[2] if len(peak) > 2 else None,
             "peak_rss_bytes": [int(r[0]) for r in per_rank], "state_bytes": [int(r[1]) for r in per_rank],
             "live_tensor_bytes": [int(r[2]) for r in per_rank]}
+
+
+def _reached_a_limit(args, point: dict[str, float]) -> bool:
+    """--target-accuracy reached or --train-seconds spent, at an evaluation (its figures are
+    means over ranks, so every rank decides alike)."""
+    if args.target_accuracy and point["accuracy"] >= args.target_accuracy:
+        logger.info("target accuracy %.4f reached at step %d (%.1f s)", args.target_accuracy, point["step"],
+                    point["wall_seconds"])
+        return True
+    if args.train_seconds and point["wall_seconds"] >= args.train_seconds:
+        logger.info("training budget of %.0f s spent at step %d", args.train_seconds, point["step"])
+        return True
+    return False
 
 
 def _state_bytes(args, accelerator, model, optimizer) -> int:
@@ -574,15 +602,19 @@ class _NoLocalSGD(contextlib.nullcontext):
         pass
 
 
-def _point(args, accelerator, progress, accuracy: float, seconds: float, tap: Wiretap) -> dict[str, float]:
-    """One point of the accuracy curve: samples, exchange bytes sent per worker so far
-    (measured by the wiretap, mean over ranks) and seconds of training so far (for IST the
-    measured compute, without the syncs; for the baselines the loop's wall time)."""
-    compute = accelerator.ist.totals.compute_seconds if args.method == "ist" and accelerator.ist is not None else seconds
-    mean = accelerator.reduce(torch.tensor([tap.sent.get("exchange", 0.0), compute], dtype=torch.float64,
-                                           device=accelerator.device), "mean").tolist()
+def _point(args, accelerator, progress, accuracy: float, wall: float, eval_seconds: float,
+           tap: Wiretap) -> dict[str, float]:
+    """One point of the accuracy curve (means over ranks): samples, exchange bytes sent per
+    worker so far (the wiretap's count), ``wall_seconds``, the training loop's wall-clock so far
+    with every method's syncs and without evaluation (the same clock for every method),
+    ``eval_seconds`` the evaluations' so far, and ``compute_seconds`` (IST: the engine's
+    measured compute without its syncs; a baseline: its wall time, syncs included)."""
+    compute = accelerator.ist.totals.compute_seconds if args.method == "ist" and accelerator.ist is not None else wall
+    mean = accelerator.reduce(torch.tensor([tap.sent.get("exchange", 0.0), compute, wall, eval_seconds],
+                                           dtype=torch.float64, device=accelerator.device), "mean").tolist()
     return {"step": progress.step, "samples_per_worker": progress.batches_seen * args.batch_size,
-            "accuracy": accuracy, "bytes_sent_per_worker": mean[0], "compute_seconds": mean[1]}
+            "accuracy": accuracy, "bytes_sent_per_worker": mean[0], "compute_seconds": mean[1],
+            "wall_seconds": mean[2], "eval_seconds": mean[3]}
 
 
 def _communication(args, accelerator, model_params: int, steps: int, tap: Wiretap) -> dict[str, Any]:

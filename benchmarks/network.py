@@ -1,0 +1,223 @@
+"""Time to accuracy on shaped links: ``benchmarks/compare.py --network NxRATE ...`` (issue 36).
+
+Every method runs as a multi-node user runs it: one ``accelerate launch --num_machines N
+--machine_rank i --main_process_ip <node 0>`` per node of a :class:`netbed.Netbed` (one worker
+per node, gloo over ``eth0``, ``launch_configs/cpu_nodes.yaml``), for a training budget of
+``--train-seconds`` wall-clock (evaluation excluded). Each run's accuracy curve is read against
+the same clock for every method (``wall_seconds`` of the recipes' history: syncs included), and
+each node's ``eth0`` byte counters are read by the kernel before and after, minus the idle
+baseline, beside the bytes the run reports. Per rate and method the summary has
+``wall_seconds_to_target`` (per seed; null where the budget ran out first),
+``accuracy_at_budget``, ``kernel_tx_bytes_per_node``, ``reported_bytes_per_worker``, and, where an
+unshaped run (rate ``none``) exists, the modeled time to target (its wall-clock to the target plus
+its exchange bytes at the rate) beside the measured one.
+
+    python benchmarks/compare.py --task mnist --num-subnets 4 --methods ddp localsgd diloco ist \\
+        --epochs 100 --local-steps 20 --eval-every 40 --network 4xnone 4x1gbit 4x100mbit 4x20mbit \\
+        --train-seconds 120 --target 0.95 --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from netbed import Netbed, rate_bits  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+IDLE_SECONDS = 2.0  # the idle baseline: each node's counters over this long before the launch
+
+
+def parse_network(spec: str) -> tuple[int, str]:
+    """``"4x100mbit"`` -> (4, "100mbit"); ``"4xnone"``: 4 nodes, links not shaped."""
+    nodes, _, rate = spec.partition("x")
+    if not nodes.isdigit() or int(nodes) < 1:
+        raise SystemExit(f"--network {spec!r}: give NODESxRATE, e.g. 4x100mbit, 4x1gbit or 4xnone")
+    try:
+        rate_bits(rate)
+    except ValueError as error:
+        raise SystemExit(f"--network {spec!r}: {error}") from None
+    return int(nodes), rate
+
+
+def node_command(recipe: list[str], nodes: int, node: int, master: str) -> list[str]:
+    """One node's launcher, as in launch_configs/cpu_nodes.yaml's comment."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "launch_configs" / "cpu_nodes.yaml"), "--num_machines", str(nodes), "--machine_rank", str(node),
+            "--main_process_ip", master, "--main_process_port", "29511", "--num_processes", str(nodes), *recipe]
+
+
+def run_on_network(recipe: list[str], out: Path, nodes: int, rate: str, timeout: float) -> dict[str, Any]:
+    """Run ``recipe`` (its arguments; ``--output-dir out``) on ``nodes`` shaped nodes; returns its
+    results.json with a ``network`` record added. A run with the same command is reused."""
+    results, recorded = out / "results.json", out / "command.json"
+    what = {"recipe": recipe, "nodes": nodes, "rate": rate}
+    if results.exists() and recorded.exists() and json.loads(recorded.read_text()) == what:
+        print(f"== reusing {results}", flush=True)
+        return json.loads(results.read_text())
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+    out.mkdir(parents=True, exist_ok=True)
+    with Netbed(nodes, rate) as net:
+        idle_start = net.counters()
+        time.sleep(IDLE_SECONDS)
+        before = net.counters()
+        started = time.monotonic()
+        logs = [open(out / f"node{i}.log", "w") for i in range(nodes)]
+        procs = [net.popen(i, node_command(recipe, nodes, i, net.address(0)), env=env, stdout=logs[i],
+                           stderr=subprocess.STDOUT, cwd=ROOT) for i in range(nodes)]
+        try:
+            codes = [p.wait(timeout=max(1.0, started + timeout - time.monotonic())) for p in procs]
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"{out}: a node ran past {timeout:.0f} s; see {out}/node*.log") from None
+        finally:
+            for f in logs:
+                f.close()
+        elapsed = time.monotonic() - started
+        after = net.counters()
+    if any(codes) or not results.exists():
+        raise SystemExit(f"{out}: nodes exited {codes}; see {out}/node*.log")
+    run = json.loads(results.read_text())
+    idle = [(b["tx_bytes"] - a["tx_bytes"]) / IDLE_SECONDS for a, b in zip(idle_start, before)]
+    run["network"] = {
+        "nodes": nodes, "rate": rate, "elapsed_seconds": elapsed,
+        "kernel_tx_bytes_per_node": [a["tx_bytes"] - b["tx_bytes"] - i * elapsed for a, b, i in zip(after, before, idle)],
+        "kernel_rx_bytes_per_node": [a["rx_bytes"] - b["rx_bytes"] for a, b in zip(after, before)],
+        "idle_tx_bytes_per_second": idle,
+    }
+    results.write_text(json.dumps(run, indent=1))
+    recorded.write_text(json.dumps(what))
+    return run
+
+
+def reached(run: dict[str, Any], target: float) -> dict[str, float] | None:
+    return next((p for p in run["history"] if p["accuracy"] >= target), None)
+
+
+def summarize(runs: dict[str, dict[str, list[dict]]], target: float, budget: float) -> dict[str, Any]:
+    """Per rate and method: measured time to target, accuracy at budget, kernel and reported bytes."""
+    unshaped = runs.get("none", {})
+    out: dict[str, Any] = {}
+    for rate, by_method in runs.items():
+        bits = rate_bits(rate)
+        out[rate] = {}
+        for method, rs in by_method.items():
+            times = [p["wall_seconds"] if (p := reached(r, target)) else None for r in rs]
+            at_budget = [max((p for p in r["history"] if p["wall_seconds"] <= budget),
+                             key=lambda p: p["wall_seconds"], default={"accuracy": None})["accuracy"] for r in rs]
+            kernel = [r["network"]["kernel_tx_bytes_per_node"] for r in rs]
+            reported = [r.get("total_bytes_sent_per_worker", r["bytes_sent_per_worker"]) for r in rs]
+            row = {
+                "wall_seconds_to_target": times, "accuracy_at_budget": at_budget,
+                "final_accuracy": [r["final_accuracy"] for r in rs],
+                "steps": [r["steps"] for r in rs],
+                "kernel_tx_bytes_per_node": kernel, "reported_bytes_per_worker": reported,
+                "reported_exchange_bytes_per_worker": [r["bytes_sent_per_worker"] for r in rs],
+                # what the kernel counted beyond what the run reports (all nodes, over the reported total)
+                "kernel_over_reported": [sum(k) / (len(k) * b) - 1 if b else None for k, b in zip(kernel, reported)],
+                "startup_seconds": [r["network"]["elapsed_seconds"] - r["train_seconds"]
+                                    - r["history"][-1]["eval_seconds"] for r in rs],
+                "seconds_per_step": [r["history"][-1]["wall_seconds"] / max(r["history"][-1]["step"], 1) for r in rs],
+            }
+            if bits and method in unshaped:
+                row["modeled_seconds_to_target"] = [
+                    p["wall_seconds"] + p["bytes_sent_per_worker"] * 8 / bits if (p := reached(r, target)) else None
+                    for r in unshaped[method]]
+            out[rate][method] = row
+    return out
+
+
+def mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def table(summary: dict[str, Any], target: float, budget: float) -> str:
+    fmt = lambda v, f="{:.1f}": "—" if v is None else f.format(v)  # noqa: E731
+    lines = []
+    for rate, by_method in summary.items():
+        lines += [f"\n### {rate} per link\n",
+                  f"| method | s to {target:g} (measured) | s to {target:g} (modeled) | accuracy at {budget:g} s | "
+                  "steps | s / step | kernel tx MB / node | reported MB / worker | kernel over reported | start-up s |",
+                  "|" + "---|" * 10]
+        for method, r in by_method.items():
+            unreached = sum(t is None for t in r["wall_seconds_to_target"])
+            note = f" ({unreached} of {len(r['wall_seconds_to_target'])} not within budget)" if unreached else ""
+            lines.append(
+                f"| {method} | {fmt(mean(r['wall_seconds_to_target']))}{note} | "
+                f"{fmt(mean(r.get('modeled_seconds_to_target', [None])))} | {fmt(mean(r['accuracy_at_budget']), '{:.4f}')} | "
+                f"{fmt(mean(r['steps']), '{:.0f}')} | {fmt(mean(r['seconds_per_step']), '{:.3f}')} | "
+                f"{fmt(mean([statistics.mean(k) for k in r['kernel_tx_bytes_per_node']]) / 1e6, '{:.2f}')} | "
+                f"{fmt(mean(r['reported_bytes_per_worker']) / 1e6, '{:.2f}')} | "
+                f"{fmt(mean(r['kernel_over_reported']), '{:+.1%}')} | {fmt(mean(r['startup_seconds']))} |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, dict[str, list[dict]]], out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from compare import COLORS
+
+    paths = []
+    for rate, by_method in runs.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k, (method, rs) in enumerate(by_method.items()):
+            for i, r in enumerate(rs):
+                ax.plot([p["wall_seconds"] for p in r["history"]], [p["accuracy"] for p in r["history"]], marker="o",
+                        markersize=3, label=method if i == 0 else None, color=COLORS.get(method, f"C{4 + k}"))
+        ax.set_xlabel("training wall-clock, s (syncs included, evaluation excluded)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{title}, {rate} per link")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / f"accuracy_vs_wall_{rate}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def main(args: argparse.Namespace, recipe_command) -> dict[str, Any]:
+    """compare.py's ``--network`` mode: every method at every rate, then the summary files."""
+    specs = [parse_network(s) for s in args.network]
+    if any(n != args.num_subnets for n, _ in specs):
+        raise SystemExit(f"--network: one worker per node, so the nodes must equal --num-subnets {args.num_subnets}")
+    if not args.train_seconds:
+        raise SystemExit("--network needs --train-seconds (each method's training budget)")
+    out = Path(args.out) / "network" / args.task
+    runs: dict[str, dict[str, list[dict]]] = {}
+    names = {m: args.ist_name if m == "ist" else m for m in args.methods}
+    Netbed.sweep()
+    for nodes, rate in specs:
+        for method in sorted(args.methods, key=lambda m: m != "ist"):
+            for seed in args.seeds:
+                name = names[method]
+                run_dir = out / "runs" / f"{rate}_{name}_seed{seed}"
+                recipe = [*recipe_command(args.task, method, seed, args, run_dir), "--train-seconds", str(args.train_seconds)]
+                print(f"== {args.task} {nodes}x{rate} {name} seed {seed}", flush=True)
+                run = run_on_network(recipe, run_dir, nodes, rate, timeout=3 * args.train_seconds + 900)
+                runs.setdefault(rate, {}).setdefault(name, []).append(run)
+    target = args.target or min(max(p["accuracy"] for p in r["history"])
+                                for by_method in runs.values() for rs in by_method.values() for r in rs)
+    summary = summarize(runs, target, args.train_seconds)
+    text = table(summary, target, args.train_seconds)
+    result = {"task": args.task, "num_subnets": args.num_subnets, "seeds": args.seeds, "batch_size": args.batch_size,
+              "local_steps": args.local_steps, "eval_every": args.eval_every, "target": target,
+              "budget_seconds": args.train_seconds, "ist_args": args.ist_args, "extra": args.extra,
+              "rates": summary,
+              "runs": {rate: {m: [{k: v for k, v in r.items() if k != "ist_config"} for r in rs]
+                              for m, rs in by_method.items()} for rate, by_method in runs.items()}}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "table.md").write_text(text + "\n")
+    plot(runs, out, f"{args.task}, {args.num_subnets} nodes")
+    print(text)
+    return result
