@@ -15,13 +15,14 @@ group's store (:func:`record_failure`), so the others can report the cause
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ KINDS = ("kill", "stop", "nan", "enospc")
 FAILURE_KEY = "ist_accel/failure/{rank}"
 FAILURE_COUNT = "ist_accel/failures"  # how many ranks recorded a failure (one store.add to check)
 ACK_COUNT = "ist_accel/failure_acks"  # how many ranks read them
+STORE_DEADLINE = 2.0  # seconds a failing rank waits on a store it cannot reach, to record why
 _state = {"recorded": False, "acknowledged": False}
 
 
@@ -127,13 +129,14 @@ def record_failure(message: str, wait_for_peers: float = 0.0) -> bool:
         if found is None:
             return False
         store, rank, world = found
-        if not _state["recorded"]:  # the first failure is the cause; what follows from it is not recorded
-            store.set(FAILURE_KEY.format(rank=rank), str(message)[:4000])
-            store.add(FAILURE_COUNT, 1)
-            _state["recorded"] = True
-        deadline = time.monotonic() + wait_for_peers
-        while time.monotonic() < deadline and store.add(ACK_COUNT, 0) + store.add(FAILURE_COUNT, 0) < world:
-            time.sleep(0.05)
+        with _store_deadline(STORE_DEADLINE):  # a store it cannot reach: a few seconds, not the sync timeout
+            if not _state["recorded"]:  # the first failure is the cause; what follows from it is not recorded
+                store.set(FAILURE_KEY.format(rank=rank), str(message)[:4000])
+                store.add(FAILURE_COUNT, 1)
+                _state["recorded"] = True
+            deadline = time.monotonic() + wait_for_peers
+            while time.monotonic() < deadline and store.add(ACK_COUNT, 0) + store.add(FAILURE_COUNT, 0) < world:
+                time.sleep(0.05)
         return True
     except Exception as error:  # the store's host may be dead: nothing to tell anyone
         logger.debug("could not record the failure in the store: %s", error)
@@ -142,14 +145,82 @@ def record_failure(message: str, wait_for_peers: float = 0.0) -> bool:
 
 def peer_failed() -> bool:
     """Whether another rank recorded a failure: one store round trip, cheap enough for every
-    step. Never raises (False when the store cannot be reached)."""
+    step. False when there is no process group or the store fails for another reason; raises
+    :class:`ISTSyncError` when the connection to the store is lost (a cut link, the main node
+    down), within the sync timeout (:func:`~ist_accel.lifecycle.bound_store_connection`),
+    since no collective can succeed either."""
     try:
         found = _store_and_rank()
         if found is None:
             return False
         return found[0].add(FAILURE_COUNT, 0) > int(_state["recorded"])
-    except Exception:
+    except Exception as error:
+        if is_communication_error(error):
+            raise store_lost(error) from error
         return False
+
+
+def store_lost(error: Exception) -> ISTSyncError:
+    """The error of a rank that lost its connection to the rendezvous store."""
+    from .lifecycle import store_address
+
+    try:
+        import torch.distributed as dist
+
+        rank = f"rank {dist.get_rank()}"
+        address = store_address()
+    except Exception:
+        rank, address = "this rank", None
+    where = f" at {address[0]}:{address[1]}" if address else ""
+    return ISTSyncError(
+        f"{rank} lost its connection to the rendezvous store{where} ({type(error).__name__}: {error}): the network "
+        "link between this node and the main node (machine rank 0, where the launcher hosts the store) is down, or "
+        "the process hosting the store died. No collective can succeed: every rank stops. Bring the network back "
+        "and restart every node from the last checkpoint (the recipes: --resume auto)")
+
+
+def is_communication_error(error: BaseException) -> bool:
+    """A collective or the store failed (a dead or stalled peer, a cut link, a timeout)."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "peer"))
+
+
+def sync_failure(error: BaseException, timeout: float | None = None) -> ISTSyncError:
+    """A collective, barrier or store call outside the round engine failed (an evaluation's
+    gather, a checkpoint's barrier): the same :class:`ISTSyncError` the engine raises."""
+    from .lifecycle import applied_sync_timeout
+
+    try:
+        import torch.distributed as dist
+
+        rank = f"rank {dist.get_rank()}"
+    except Exception:
+        rank = "this rank"
+    timeout = applied_sync_timeout() if timeout is None else timeout
+    limit = f" ({timeout:g} s)" if timeout else ""
+    return ISTSyncError(
+        f"a collective failed on {rank}: {type(error).__name__}: {error}. A peer process probably died, stalled or "
+        f"lost its network link past the sync timeout{limit}; restart every node from the last checkpoint "
+        "(the recipes: --resume auto)")
+
+
+@contextlib.contextmanager
+def _store_deadline(seconds: float) -> Iterator[None]:
+    """Bound this process's store connection by ``seconds`` for a few calls (a failing rank
+    must not wait the whole sync timeout again on a store it cannot reach), then restore."""
+    from .lifecycle import bound_store_connection
+
+    bound = bound_store_connection(seconds)
+    try:
+        yield
+    finally:
+        if bound:
+            bound_store_connection()
 
 
 def peer_failures(timeout: float = 2.0, include_self: bool = False) -> list[str]:
@@ -168,15 +239,16 @@ def peer_failures(timeout: float = 2.0, include_self: bool = False) -> list[str]
     try:
         previous = store.timeout
         store.set_timeout(datetime.timedelta(seconds=timeout))
-        for rank in range(world):
-            if rank == me and not include_self:
-                continue
-            key = FAILURE_KEY.format(rank=rank)
-            if store.check([key]):
-                out.append(f"rank {rank}: {store.get(key).decode(errors='replace')}")
-        if out and not _state["acknowledged"] and not _state["recorded"]:
-            store.add(ACK_COUNT, 1)
-            _state["acknowledged"] = True
+        with _store_deadline(timeout):  # the store's timeout bounds waits for keys, not a lost connection
+            for rank in range(world):
+                if rank == me and not include_self:
+                    continue
+                key = FAILURE_KEY.format(rank=rank)
+                if store.check([key]):
+                    out.append(f"rank {rank}: {store.get(key).decode(errors='replace')}")
+            if out and not _state["acknowledged"] and not _state["recorded"]:
+                store.add(ACK_COUNT, 1)
+                _state["acknowledged"] = True
     except Exception as error:
         logger.debug("could not read peer failures from the store: %s", error)
     finally:
@@ -189,4 +261,5 @@ def peer_failures(timeout: float = 2.0, include_self: bool = False) -> list[str]
 
 
 __all__ = ["Fault", "ISTAgreementError", "ISTError", "ISTNonFiniteError", "ISTPeerFailure", "ISTSyncError", "inject",
-           "parse_faults", "peer_failed", "peer_failures", "record_failure"]
+           "is_communication_error", "parse_faults", "peer_failed", "peer_failures", "record_failure", "store_lost",
+           "sync_failure"]

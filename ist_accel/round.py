@@ -31,7 +31,7 @@ from torch import nn
 from .config import ISTConfig
 from .decompose import Assignment, keep_frozen, kept_tensors, state_tensors
 from .exchange import Exchange, Timings, value_dtype
-from .faults import ISTError, ISTSyncError, inject, peer_failures
+from .faults import ISTError, ISTSyncError, inject, is_communication_error, peer_failures
 from .global_view import GlobalView, streamed
 from .guard import PHASES, RoundGuard, all_finite, clone_state
 from .lifecycle import apply_sync_timeout, exit_with_parent
@@ -866,7 +866,7 @@ class IST:
         except ISTError:
             raise
         except Exception as error:
-            if not _is_communication_error(error):
+            if not is_communication_error(error):
                 raise
             reasons = peer_failures()
             said = f" A peer reported: {'; '.join(reasons)}." if reasons else ""
@@ -892,14 +892,6 @@ def _gc_paused() -> Iterator[None]:
 
 def _digest(value: Any) -> int:
     return int(hashlib.sha256(repr(value).encode()).hexdigest()[:12], 16)
-
-
-def _is_communication_error(error: Exception) -> bool:
-    if isinstance(error, getattr(dist, "DistError", ())):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(
-        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "peer"))
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

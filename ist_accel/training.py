@@ -34,7 +34,8 @@ from .accelerate import ISTAccelerator
 from .accounting import ring_allreduce_bytes
 from .init import is_meta, materialize
 from .memory import dataset_tensors, live_tensor_bytes, peak_rss_bytes
-from .faults import ISTPeerFailure, ISTSyncError, peer_failed, peer_failures, record_failure
+from .faults import (ISTError, ISTPeerFailure, ISTSyncError, is_communication_error, peer_failed, peer_failures,
+                     record_failure, sync_failure)
 from .preflight import check_setup
 from .wiretap import Wiretap
 from .config import DECOMPOSITIONS, OPTIMIZER_STATE_POLICIES, WIRE_DTYPES, ISTConfig
@@ -325,6 +326,8 @@ def train_classifier(
 def _reported(error: Exception) -> Exception:
     """A failure, told to the other ranks (or, if a peer failed first, with its reason):
     every rank stops with the message of the rank whose failure started it."""
+    if not isinstance(error, ISTError) and is_communication_error(error):  # a gather, barrier or store outside
+        error = sync_failure(error)  # the round engine (evaluation, checkpoint): the engine's ISTSyncError
     logger.error("%s: %s", type(error).__name__, error)  # now, not after the wait below
     if isinstance(error, ISTPeerFailure):
         return error
