@@ -2,7 +2,9 @@
 training loop (``--method diloco``), beside DDP and Accelerate's ``LocalSGD``.
 
 Every rank is one torchft replica group of one process: its own store, a torchft ``Manager``
-with a gloo process group, all joined through one lighthouse that rank 0 serves. The model is
+with a gloo process group, all joined through one lighthouse that rank 0 serves. Each rank
+advertises the address its peers reach it at (the source address of its route to the main
+node), not its hostname or ``localhost``, so the replicas find each other across hosts. The model is
 Accelerate's DDP-wrapped one with gradient sync off (as ``LocalSGD`` does); torchft's
 ``DiLoCo`` wraps it and, every ``sync_every`` inner optimizer steps, all-reduces the
 pseudo-gradient and applies the outer optimizer (SGD, Nesterov momentum). Its bytes are
@@ -15,6 +17,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import logging
+import os
 import socket
 from typing import Any
 
@@ -49,13 +52,16 @@ class TorchftDiLoCo:
         self._no_sync = self.model.no_sync() if hasattr(self.model, "no_sync") else None
         if self._no_sync is not None:
             self._no_sync.__enter__()
-        self.lighthouse = LighthouseServer(bind="[::]:0", min_replicas=world) if rank == 0 else None
-        address = [self.lighthouse.address() if self.lighthouse else None]
+        here = own_address()
+        self.lighthouse = LighthouseServer(bind="0.0.0.0:0", min_replicas=world) if rank == 0 else None
+        # torchft names the lighthouse by this host's name, which other hosts may not resolve
+        address = [f"http://{here}:{self.lighthouse.address().rsplit(':', 1)[1]}" if self.lighthouse else None]
         dist.broadcast_object_list(address, src=0)
-        self.store = dist.TCPStore("localhost", _free_port(), 1, is_master=True, wait_for_workers=False)
+        self.store = dist.TCPStore(here, _free_port(), 1, is_master=True, wait_for_workers=False)
         self.manager = Manager(pg=ProcessGroupGloo(timeout=self.timeout), load_state_dict=self._load,
                                state_dict=self._state, min_replica_size=world, use_async_quorum=False,
-                               replica_id=f"replica_{rank}", store_addr="localhost", store_port=self.store.port,
+                               replica_id=f"replica_{rank}", store_addr=here, store_port=self.store.port, hostname=here,
+                               checkpoint_transport=_reachable_transport(here, self.timeout),
                                rank=0, world_size=1, lighthouse_addr=address[0], timeout=self.timeout,
                                quorum_timeout=self.timeout, connect_timeout=self.timeout)
         module = getattr(self.model, "module", self.model)
@@ -108,6 +114,26 @@ class TorchftDiLoCo:
             self.final_partial_sync = True
         for buffer in getattr(self.model, "module", self.model).buffers():
             dist.broadcast(buffer.data, src=0)
+
+
+def _reachable_transport(here: str, timeout: datetime.timedelta) -> Any:
+    """torchft's HTTP checkpoint transport (how a joining replica fetches the model), advertised
+    at ``here`` instead of this host's name."""
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    class ReachableHTTPTransport(HTTPTransport):
+        def address(self) -> str:
+            return super().address().replace(f"//{socket.gethostname()}:", f"//{here}:", 1)
+
+    return ReachableHTTPTransport(timeout=timeout, num_chunks=0)
+
+
+def own_address() -> str:
+    """This host's address as its peers reach it: the source address of its route to the main
+    node (``MASTER_ADDR``; 127.0.0.1 when every rank is on this host)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(os.environ.get("MASTER_ADDR", "127.0.0.1")), 9))  # sends nothing
+        return s.getsockname()[0]
 
 
 def _free_port() -> int:
