@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -112,8 +113,9 @@ class Netbed:
     def up(self) -> None:
         check_host()
         atexit.register(self.down)
-        for sig in (signal.SIGTERM, signal.SIGHUP):  # an exception, so `with` and `finally` tear down
-            self._old_handlers[sig] = signal.signal(sig, _raise_interrupt)
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in (signal.SIGTERM, signal.SIGHUP):  # an exception, so `with` and `finally` tear down
+                self._old_handlers[sig] = signal.signal(sig, _raise_interrupt)
         try:
             self._add_namespace(self.hub)
             _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
@@ -244,8 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
         ap.error("give the command to run in every node after --")
+    try:  # bad flags and a host that cannot do it: one line, before anything exists
+        net = Netbed(args.nodes, args.rate)
+        check_host()
+    except (ValueError, RuntimeError) as error:
+        ap.error(str(error))
     Netbed.sweep()
-    with Netbed(args.nodes, args.rate) as net:
+    with net:
         before = net.counters()
         started = time.monotonic()
         procs = [net.popen(i, [a.format(node=i, nodes=args.nodes, master=net.address(0)) for a in cmd])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from netbed import Netbed, rate_bits  # noqa: E402
+from netbed import Netbed, check_host, rate_bits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 IDLE_SECONDS = 2.0  # the idle baseline: each node's counters over this long before the launch
@@ -211,8 +212,15 @@ def main(args: argparse.Namespace, recipe_command) -> dict[str, Any]:
     specs = [parse_network(s) for s in args.network]
     if any(n != args.num_subnets for n, _ in specs):
         raise SystemExit(f"--network: one worker per node, so the nodes must equal --num-subnets {args.num_subnets}")
-    if not args.train_seconds:
-        raise SystemExit("--network needs --train-seconds (each method's training budget)")
+    if not (math.isfinite(args.train_seconds) and args.train_seconds > 0):
+        raise SystemExit(f"--network needs --train-seconds, each method's training budget in seconds > 0; "
+                         f"got {args.train_seconds}")
+    if not 0 <= args.target < 1:
+        raise SystemExit(f"--target is an accuracy in [0, 1) (0: the lowest best accuracy of all runs); got {args.target}")
+    try:
+        check_host()
+    except RuntimeError as error:
+        raise SystemExit(f"--network: {error}") from None
     out = Path(args.out) / "network" / args.task
     runs: dict[str, dict[str, list[dict]]] = {}
     names = {m: args.ist_name if m == "ist" else m for m in args.methods}

@@ -44,6 +44,20 @@ def test_bad_input_is_refused_before_anything_exists():
     assert netbed.rate_bits("20mbit") == 20e6 and netbed.rate_bits("none") == 0
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--network", "4x20mbps", "--train-seconds", "5"], "rate must be a positive number with a unit"),
+    (["--network", "3x20mbit", "--train-seconds", "5"], "the nodes must equal --num-subnets 4"),
+    (["--network", "4x20mbit"], "--network needs --train-seconds"),
+    (["--network", "4x20mbit", "--train-seconds", "inf"], "--network needs --train-seconds"),
+    (["--network", "4x20mbit", "--train-seconds", "5", "--target", "nan"], "--target is an accuracy in [0, 1)"),
+])
+def test_compare_network_refuses_bad_flags_before_any_network(tmp_path, flags, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--task", "mnist", "--num-subnets",
+                           "4", "--out", str(tmp_path), *flags], capture_output=True, text=True, timeout=60)
+    assert proc.returncode and message in proc.stderr, proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir())
+
+
 @needs_root
 def test_clear_error_without_root_or_tools():
     code = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import netbed; netbed.Netbed(2).up()"

@@ -222,6 +222,9 @@ def test_help(recipe):
     (["--num-subnets", "3"], "world size 1 does not fit num_subnets=3"),
     (["--optimizer-state", "keep"], "invalid choice: 'keep'"),
     (["--local-steps", "0"], "--local-steps must be >= 1"),
+    (["--train-seconds", "nan", "--eval-every", "10"], "--train-seconds must be a finite number of seconds >= 0"),
+    (["--target-accuracy", "1.5", "--eval-every", "10"], "--target-accuracy must be an accuracy in [0, 1]"),
+    (["--train-seconds", "30"], "checked at evaluations: give --eval-every N"),
 ])
 def test_bad_arguments_fail_before_anything_starts(tmp_path, args, message):
     out = tmp_path / "never"
