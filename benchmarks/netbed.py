@@ -87,12 +87,14 @@ def _tc(ns: str, dev: str, bits: float) -> None:
 class Netbed:
     """``nodes`` namespaces on a shaped star (module docstring)."""
 
-    def __init__(self, nodes: int, rate: str = "100mbit", net: int = 77) -> None:
+    def __init__(self, nodes: int, rate: str = "100mbit", net: int = 77,
+                 sysctls: dict[str, str] | None = None) -> None:
         if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 200:
             raise ValueError(f"nodes must be an integer in 1..200, got {nodes!r}")
         if not 0 <= net <= 255:
             raise ValueError(f"net must be in 0..255 (the third byte of 10.77.<net>.x), got {net!r}")
         self.nodes, self.rate, self.bits = nodes, rate, rate_bits(rate)
+        self.sysctls = dict(sysctls or {})  # set in every node, e.g. {"net.ipv4.tcp_slow_start_after_idle": "0"}
         self.tag = f"{PREFIX}{os.getpid()}"
         self.hub = f"{self.tag}-hub"
         self.subnet = f"10.{net}.{(os.getpid() % 250) + 1}"
@@ -129,6 +131,9 @@ class Netbed:
                 _ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
                 _ip("-n", ns, "link", "set", "eth0", "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
+                for key, value in self.sysctls.items():
+                    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"], check=True,
+                                   capture_output=True)
                 if self.bits:
                     _tc(ns, "eth0", self.bits)  # node -> hub
                     _tc(self.hub, port, self.bits)  # hub -> node

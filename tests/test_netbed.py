@@ -80,9 +80,9 @@ def test_shaped_links_count_bytes_and_always_come_down():
         started = time.monotonic()
         sent = net.run(1, [sys.executable, "-c", f"import socket; s = socket.create_connection(('{net.address(0)}', "
                                                   "5001)); s.sendall(bytes(5_000_000)); s.close()"])
-        seconds = time.monotonic() - started
         assert sent.returncode == 0, sent.stderr
         assert server.communicate(timeout=30)[0].strip() == "5000000"
+        seconds = time.monotonic() - started  # until the server has it all (sendall returns once it is queued)
         after = net.counters()
         tx = after[1]["tx_bytes"] - before[1]["tx_bytes"]
         assert 5_000_000 < tx < 5_000_000 * 1.06  # the payload and its TCP/IP framing
@@ -102,7 +102,9 @@ def test_a_signalled_harness_leaves_no_network(how):
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import netbed\n"
             "with netbed.Netbed(2, '100mbit') as net:\n"
             f"    p = net.popen(1, {sleeper!r})\n    print('up', flush=True)\n    time.sleep(300)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    # as from a shell: pytest-xdist's workers ignore SIGINT, and an ignored signal is inherited
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "up"
     assert len(mine(proc.pid)) == 3
     proc.send_signal(getattr(signal, how))

@@ -30,11 +30,15 @@ def main() -> None:
     ap.add_argument("--zero-stage", type=int, default=0, help="DeepSpeed ZeRO stage inside each group (0: no DeepSpeed)")
     ap.add_argument("--partial", type=int, default=0, help="optimizer steps after the last round; end_training syncs them")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="the model's and batches' dtype (float64: exact checks, wire fp64)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     policy, _, outer = args.policy.partition("-")  # "carry-diloco": DiLoCo's outer step
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
-                       optimizer_state=policy, seed=5, **(DILOCO if outer == "diloco" else {}))
+                       optimizer_state=policy, seed=5, wire_dtype="fp64" if dtype == torch.float64 else "fp32",
+                       **(DILOCO if outer == "diloco" else {}))
     kwargs = {"cpu": True}
     if args.zero_stage:  # clipping moves into DeepSpeed's config; partition even these tiny tensors
         from accelerate.utils import DeepSpeedPlugin
@@ -47,7 +51,7 @@ def main() -> None:
     accelerator = ISTAccelerator(config, gradient_accumulation_steps=args.accum, dense_warmup_steps=args.warmup,
                                  mixed_precision=args.mixed_precision, **kwargs)
     world = accelerator.num_processes
-    model = make_model(args.model)
+    model = make_model(args.model, dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     # Accelerate steps a scheduler once per process per optimizer step: halve the lr every round
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 ** (e // (args.local_steps * world)))
@@ -60,9 +64,9 @@ def main() -> None:
         for k in range(args.accum):
             with accelerator.accumulate(model):
                 if warm:  # data parallel over all ranks: rank r's own batches
-                    batch = batch_for(args.model, accelerator.process_index, 0, 90 + t * args.accum + k)
+                    batch = batch_for(args.model, accelerator.process_index, 0, 90 + t * args.accum + k, dtype)
                 else:
-                    batch = batch_for(args.model, s, g, (t - args.warmup) * args.accum + k)
+                    batch = batch_for(args.model, s, g, (t - args.warmup) * args.accum + k, dtype)
                 loss = loss_fn(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -74,7 +78,7 @@ def main() -> None:
     before = accelerator.get_state_dict(model)  # with --partial: mid-round, the model a sync now would give
     model.eval()
     with torch.no_grad():
-        logits = model(torch.stack([x for x, _ in eval_items(args.model)]))
+        logits = model(torch.stack([x for x, _ in eval_items(args.model, dtype)]))
     model.train()
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
