@@ -770,7 +770,8 @@ class IST:
             return
         logger.warning("IST: the ranks' initial models differ (seed them alike to save this); rank 0's values are sent")
         tensors = list(state_tensors(model).values())
-        flat = torch.cat([t.detach().reshape(-1).to(value_dtype(t.dtype for t in tensors)) for t in tensors])
+        dtype = value_dtype(t.dtype for t in tensors)
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
         self.transport.broadcast(flat, 0, "setup")
         offset = 0
         with torch.no_grad():
