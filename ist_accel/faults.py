@@ -164,13 +164,11 @@ def store_lost(error: Exception) -> ISTSyncError:
     """The error of a rank that lost its connection to the rendezvous store."""
     from .lifecycle import store_address
 
+    rank = _this_rank()
     try:
-        import torch.distributed as dist
-
-        rank = f"rank {dist.get_rank()}"
         address = store_address()
     except Exception:
-        rank, address = "this rank", None
+        address = None
     where = f" at {address[0]}:{address[1]}" if address else ""
     return ISTSyncError(
         f"{rank} lost its connection to the rendezvous store{where} ({type(error).__name__}: {error}): the network "
@@ -190,23 +188,29 @@ def is_communication_error(error: BaseException) -> bool:
         word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "peer"))
 
 
-def sync_failure(error: BaseException, timeout: float | None = None) -> ISTSyncError:
-    """A collective, barrier or store call outside the round engine failed (an evaluation's
-    gather, a checkpoint's barrier): the same :class:`ISTSyncError` the engine raises."""
+def sync_failure(error: BaseException, timeout: float | None = None, what: str = "a collective",
+                 reasons: Iterable[str] = ()) -> ISTSyncError:
+    """A collective, barrier or store call failed (the engine's sync, an evaluation's gather, a
+    checkpoint's barrier): one :class:`ISTSyncError` wording for all, with what failed peers said."""
     from .lifecycle import applied_sync_timeout
 
+    timeout = applied_sync_timeout() if timeout is None else timeout
+    limit = f" ({timeout:g} s)" if timeout else ""
+    said = f" A peer reported: {'; '.join(reasons)}." if reasons else ""
+    return ISTSyncError(
+        f"{what} failed on {_this_rank()}: {type(error).__name__}: {error}.{said} A peer process probably died, "
+        f"stalled or lost its network link past the sync timeout{limit}; restart from the last checkpoint on every "
+        "node (the recipes: --resume auto)")
+
+
+def _this_rank() -> str:
+    """``"rank R"`` for messages, ``"this rank"`` without a process group."""
     try:
         import torch.distributed as dist
 
-        rank = f"rank {dist.get_rank()}"
+        return f"rank {dist.get_rank()}"
     except Exception:
-        rank = "this rank"
-    timeout = applied_sync_timeout() if timeout is None else timeout
-    limit = f" ({timeout:g} s)" if timeout else ""
-    return ISTSyncError(
-        f"a collective failed on {rank}: {type(error).__name__}: {error}. A peer process probably died, stalled or "
-        f"lost its network link past the sync timeout{limit}; restart every node from the last checkpoint "
-        "(the recipes: --resume auto)")
+        return "this rank"
 
 
 @contextlib.contextmanager

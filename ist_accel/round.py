@@ -31,7 +31,7 @@ from torch import nn
 from .config import ISTConfig
 from .decompose import Assignment, keep_frozen, kept_tensors, state_tensors
 from .exchange import Exchange, Timings, value_dtype
-from .faults import ISTError, ISTSyncError, inject, is_communication_error, peer_failures
+from .faults import ISTError, inject, is_communication_error, peer_failures, sync_failure
 from .global_view import GlobalView, streamed
 from .guard import PHASES, RoundGuard, all_finite, clone_state
 from .lifecycle import apply_sync_timeout, exit_with_parent
@@ -208,7 +208,7 @@ class IST:
 
         First, one small all-reduce checks that every rank is at the same round and step
         with the same config, assignment and model, and that no subnet went non-finite
-        (policy ``nonfinite``). A failing collective raises :class:`ISTSyncError`."""
+        (policy ``nonfinite``). A failing collective raises :class:`~ist_accel.faults.ISTSyncError`."""
         with self._communication(f"round {self.round} (step {self.steps})"), _gc_paused():
             return self._sync()
 
@@ -861,7 +861,7 @@ class IST:
 
     @contextlib.contextmanager
     def _communication(self, what: str) -> Iterator[None]:
-        """A failing collective becomes :class:`ISTSyncError`, with what a failed peer said."""
+        """A failing collective becomes :class:`~ist_accel.faults.ISTSyncError`, with what a failed peer said."""
         try:
             yield
         except ISTError:
@@ -869,12 +869,7 @@ class IST:
         except Exception as error:
             if not is_communication_error(error):
                 raise
-            reasons = peer_failures()
-            said = f" A peer reported: {'; '.join(reasons)}." if reasons else ""
-            raise ISTSyncError(
-                f"{what} failed on rank {self.rank}: {error}.{said} A peer process probably died or stalled past the "
-                f"process-group timeout ({self.config.sync_timeout:g} s); restart from the last checkpoint"
-            ) from error
+            raise sync_failure(error, self.config.sync_timeout, what, peer_failures()) from error
 
 
 @contextlib.contextmanager
