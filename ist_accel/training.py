@@ -98,7 +98,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
                         "needs --eval-every; 0: no limit)")
     t.add_argument("--target-accuracy", type=float, default=0.0,
                    help="stop at the first evaluation that reaches this accuracy (needs --eval-every; 0: never)")
-    t.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first this many items (0: all)")
+    t.add_argument("--eval-samples", type=int, default=0, help="evaluate on this many items, evenly spaced through the set (0: all)")
     t.add_argument("--val-split", type=float, default=0.0,
                    help="hold out this fraction of the training set (seeded) and evaluate on it instead of the test "
                         "set (its items keep the training transforms): to pick hyper-parameters without the test set")
@@ -376,6 +376,13 @@ def held_out_split(train_set: Dataset, fraction: float, seed: int,
     return torch.utils.data.Subset(train_set, held[cut:]), torch.utils.data.Subset(scored, held[:cut])
 
 
+def evenly_spaced(dataset, count: int):
+    """``count`` items spread evenly through ``dataset``: a class-sorted ImageFolder's first
+    ``count`` would be its first classes only."""
+    n, count = len(dataset), min(count, len(dataset))
+    return torch.utils.data.Subset(dataset, [i * n // count for i in range(count)])
+
+
 def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[str, Any] | None:
     set_seed(args.seed)
     if is_meta(model) and args.method != "ist":  # a baseline holds the whole model: the same initial values
@@ -383,7 +390,7 @@ def _run(args, accelerator, model, train_set, eval_set, tap: Wiretap) -> dict[st
     if getattr(args, "val_split", 0.0):  # a held-out part of the training set takes the test set's place
         train_set, eval_set = held_out_split(train_set, args.val_split, args.seed, eval_set)
     if getattr(args, "eval_samples", 0):
-        eval_set = torch.utils.data.Subset(eval_set, range(min(args.eval_samples, len(eval_set))))
+        eval_set = evenly_spaced(eval_set, args.eval_samples)
     output = Path(args.output_dir)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)

@@ -257,3 +257,22 @@ def test_held_out_split_scores_training_images_as_the_test_set_is(tmp_path: Path
     draws = {tuple(rest[0][0].flatten()[:64].tolist()) for _ in range(8)}
     assert len(draws) > 1  # a random crop or flip: the training side still augments
     assert held_out_split(train, 0.3, seed=1)[1].dataset is train  # no eval set given: as before
+
+
+def test_eval_samples_spread_over_a_class_sorted_folder(tmp_path: Path) -> None:
+    """--eval-samples on an ImageFolder (sorted by class): the subset covers every class, evenly,
+    where the first N items would be the first classes only."""
+    from PIL import Image
+
+    from ist_accel.training import evenly_spaced
+
+    for cls in "abcd":
+        (tmp_path / "test" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(tmp_path / "test" / cls / f"{i}.png")
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "train" / cls / "0.png")
+    test = load_image_folder(tmp_path)[1]
+    subset = evenly_spaced(test, 8)
+    assert len(subset) == 8 and sorted(test.targets[i] for i in subset.indices) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert len(evenly_spaced(test, 100)) == 24  # more than the set: all of it, once
