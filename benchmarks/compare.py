@@ -188,8 +188,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="run every method across N shaped network nodes per spec (benchmarks/network.py; root), "
                          "e.g. 4xnone 4x1gbit 4x100mbit 4x20mbit: measured time to accuracy, kernel byte counts")
     ap.add_argument("--train-seconds", type=float, default=0.0, help="--network: each run's training budget")
-    ap.add_argument("--target", type=float, default=0.0,
-                    help="--network: the common target accuracy (default: the lowest best accuracy of all runs)")
+    ap.add_argument("--made-only", action="store_true",
+                    help="--network: summarize the runs already made with these flags; run nothing (a seed "
+                         "made at some rates only is left out at the others)")
+    ap.add_argument("--target", type=float, nargs="+", default=[0.0],
+                    help="--network: the common target accuracy (default: the lowest best accuracy of all runs); "
+                         "more than one: a table for each, the first in results.json's rates")
     ap.add_argument("--out", default="bench")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for the recipe")
     args = ap.parse_args(argv)

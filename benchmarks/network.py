@@ -8,9 +8,9 @@ the same clock for every method (``wall_seconds`` of the recipes' history: syncs
 each node's ``eth0`` byte counters are read by the kernel before and after, minus the idle
 baseline, beside the bytes the run reports. Per rate and method the summary has
 ``wall_seconds_to_target`` (per seed; null where the budget ran out first),
-``accuracy_at_budget``, ``kernel_tx_bytes_per_node``, ``reported_bytes_per_worker``, and, where an
-unshaped run (rate ``none``) exists, the modeled time to target (its wall-clock to the target plus
-its exchange bytes at the rate) beside the measured one.
+``accuracy_at_budget``, ``kernel_tx_bytes_per_node``, ``reported_bytes_per_worker``, and the
+modeled time to target beside the measured one: the unshaped run's wall-clock to the target (or,
+without one, the fastest link's, less its own bytes at its rate) plus its exchange bytes at the rate.
 
     python benchmarks/compare.py --task mnist --num-subnets 4 --methods ddp localsgd diloco ist \\
         --epochs 100 --local-steps 20 --eval-every 40 --network 4xnone 4x1gbit 4x100mbit 4x20mbit \\
@@ -56,12 +56,18 @@ def node_command(recipe: list[str], nodes: int, node: int, master: str) -> list[
             "--main_process_ip", master, "--main_process_port", "29511", "--num_processes", str(nodes), *recipe]
 
 
+def made(recipe: list[str], out: Path, nodes: int, rate: str) -> bool:
+    """Whether ``out`` holds a finished run of exactly this command."""
+    recorded = out / "command.json"
+    return (out / "results.json").exists() and recorded.exists() and \
+        json.loads(recorded.read_text()) == {"recipe": recipe, "nodes": nodes, "rate": rate}
+
+
 def run_on_network(recipe: list[str], out: Path, nodes: int, rate: str, timeout: float) -> dict[str, Any]:
     """Run ``recipe`` (its arguments; ``--output-dir out``) on ``nodes`` shaped nodes; returns its
     results.json with a ``network`` record added. A run with the same command is reused."""
-    results, recorded = out / "results.json", out / "command.json"
-    what = {"recipe": recipe, "nodes": nodes, "rate": rate}
-    if results.exists() and recorded.exists() and json.loads(recorded.read_text()) == what:
+    results = out / "results.json"
+    if made(recipe, out, nodes, rate):
         print(f"== reusing {results}", flush=True)
         return json.loads(results.read_text())
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
@@ -94,7 +100,7 @@ def run_on_network(recipe: list[str], out: Path, nodes: int, rate: str, timeout:
         "idle_tx_bytes_per_second": idle,
     }
     results.write_text(json.dumps(run, indent=1))
-    recorded.write_text(json.dumps(what))
+    (out / "command.json").write_text(json.dumps({"recipe": recipe, "nodes": nodes, "rate": rate}))
     return run
 
 
@@ -117,9 +123,53 @@ def reached(run: dict[str, Any], target: float) -> dict[str, float] | None:
     return next((p for p in run["history"] if p["accuracy"] >= target), None)
 
 
-def summarize(runs: dict[str, dict[str, list[dict]]], target: float, budget: float) -> dict[str, Any]:
-    """Per rate and method: measured time to target, accuracy at budget, kernel and reported bytes."""
-    unshaped = runs.get("none", {})
+def crossing_point(run: dict[str, Any], target: float) -> tuple[float, float] | None:
+    """(wall seconds, exchange bytes) when the accuracy crossed ``target``: linear between the
+    last evaluation below it and the first at or above it (the first itself when none was
+    below); None if never reached."""
+    history = run["history"]
+    for i, p in enumerate(history):
+        if p["accuracy"] >= target:
+            q = history[i - 1] if i else p
+            f = (target - q["accuracy"]) / (p["accuracy"] - q["accuracy"]) if q["accuracy"] < target else 1.0
+            return (q["wall_seconds"] + f * (p["wall_seconds"] - q["wall_seconds"]),
+                    exchange_bytes(run, q) + f * (exchange_bytes(run, p) - exchange_bytes(run, q)))
+    return None
+
+
+def crossing(run: dict[str, Any], target: float) -> float | None:
+    """When the accuracy crossed ``target`` (:func:`crossing_point`)."""
+    point = crossing_point(run, target)
+    return point[0] if point else None
+
+
+def model_basis(runs: dict[str, dict[str, list[dict]]]) -> str:
+    """The rate the modeled times start from: the unshaped run (``none``) where there is one, else
+    the fastest link (its own bytes at its rate are taken off before those at another are added)."""
+    return "none" if "none" in runs else max(runs, key=rate_bits)
+
+
+def pattern(method: str) -> str:
+    """The communication pattern a method's syncs use (benchmarks/linkprobe.py's names)."""
+    return "all-to-all, the engine's" if method.startswith("ist") else "ring all-reduce"
+
+
+def effective_bits(rate: str, method: str, probes: dict[str, dict] | None) -> float:
+    """What the link delivers to ``method``'s pattern: probed where a probe of ``rate`` exists
+    (bits per second), else the nominal rate; 0 for ``none`` (not shaped)."""
+    record = (probes or {}).get(rate)
+    if not rate_bits(rate):
+        return 0.0
+    return record["patterns"][pattern(method)]["effective_bits_per_second"] if record else rate_bits(rate)
+
+
+def summarize(runs: dict[str, dict[str, list[dict]]], target: float, budget: float,
+              probes: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Per rate and method: measured time to target, accuracy at budget, kernel and reported bytes,
+    and the modeled time to target: at the nominal rate, and at what ``probes`` (rate ->
+    linkprobe record) measured the link to deliver to the method's pattern."""
+    basis = model_basis(runs)
+    basis_bits = rate_bits(basis)
     out: dict[str, Any] = {}
     for rate, by_method in runs.items():
         bits = rate_bits(rate)
@@ -135,6 +185,7 @@ def summarize(runs: dict[str, dict[str, list[dict]]], target: float, budget: flo
             reported = [reported_bytes(r) for r in rs]
             row = {
                 "wall_seconds_to_target": times, "wall_seconds_last_below_target": before,
+                "wall_seconds_to_target_interpolated": [crossing(r, target) for r in rs],
                 "accuracy_at_budget": at_budget,
                 "final_accuracy": [r["final_accuracy"] for r in rs],
                 "steps": [r["steps"] for r in rs],
@@ -146,12 +197,27 @@ def summarize(runs: dict[str, dict[str, list[dict]]], target: float, budget: flo
                                     - r["history"][-1]["eval_seconds"] for r in rs],
                 "seconds_per_step": [r["history"][-1]["wall_seconds"] / max(r["history"][-1]["step"], 1) for r in rs],
             }
-            if bits and method in unshaped:
-                row["modeled_seconds_to_target"] = [
-                    p["wall_seconds"] + exchange_bytes(r, p) * 8 / bits if (p := reached(r, target)) else None
-                    for r in unshaped[method]]
+            rounds = [max(r.get("rounds") or 0, 1) for r in rs]
+            row["sync_seconds_per_round"] = [r["sync_seconds"] / n if r.get("sync_seconds") else None
+                                             for r, n in zip(rs, rounds)]
+            if bits:  # the exchange's bytes per round at the link's rate: the least a round's sync can take
+                row["rate_seconds_per_round"] = [r["bytes_sent_per_worker"] * 8 / bits / n for r, n in zip(rs, rounds)]
+            if bits and rate != basis and method in runs[basis]:
+                row["modeled_from"] = basis
+                row["modeled_seconds_to_target"] = modeled(runs[basis][method], target, bits, basis_bits)
+                if probes and rate in probes and (basis in probes or not basis_bits):
+                    row["modeled_seconds_to_target_probed"] = modeled(
+                        runs[basis][method], target, effective_bits(rate, method, probes),
+                        effective_bits(basis, method, probes))
             out[rate][method] = row
     return out
+
+
+def modeled(basis_runs: list[dict], target: float, bits: float, basis_bits: float) -> list[float | None]:
+    """Each basis run's wall-clock to ``target`` (interpolated, as the measured time), its
+    exchange bytes by then moved at ``bits`` per second instead of ``basis_bits`` (0: not shaped)."""
+    return [c[0] + c[1] * 8 * (1 / bits - (1 / basis_bits if basis_bits else 0))
+            if (c := crossing_point(r, target)) else None for r in basis_runs]
 
 
 def mean(values: list[float | None]) -> float | None:
@@ -164,17 +230,21 @@ def table(summary: dict[str, Any], target: float, budget: float) -> str:
     lines = []
     for rate, by_method in summary.items():
         lines += [f"\n### {rate} per link\n",
-                  f"| method | s to {target:g} (measured; last evaluation below it) | s to {target:g} (modeled) | accuracy at {budget:g} s | "
-                  "steps | s / step | kernel tx MB / node | reported MB / worker | kernel over reported | start-up s |",
-                  "|" + "---|" * 10]
+                  f"| method | s to {target:g} (measured, interpolated; the evaluations either side) | s to {target:g} (modeled: at the rate; "
+                  f"at the probed rate) | accuracy at {budget:g} s | "
+                  "steps | s / step | sync s / round (its bytes at the rate) | kernel tx MB / node | reported MB / worker | "
+                  "kernel over reported | start-up s |",
+                  "|" + "---|" * 11]
         for method, r in by_method.items():
             unreached = sum(t is None for t in r["wall_seconds_to_target"])
             note = f" ({unreached} of {len(r['wall_seconds_to_target'])} not within budget)" if unreached else ""
             lines.append(
-                f"| {method} | {fmt(mean(r['wall_seconds_to_target']))} "
-                f"({fmt(mean(r['wall_seconds_last_below_target']))}){note} | "
-                f"{fmt(mean(r.get('modeled_seconds_to_target', [None])))} | {fmt(mean(r['accuracy_at_budget']), '{:.4f}')} | "
+                f"| {method} | {fmt(mean(r['wall_seconds_to_target_interpolated']))} "
+                f"({fmt(mean(r['wall_seconds_last_below_target']))}-{fmt(mean(r['wall_seconds_to_target']))}){note} | "
+                f"{fmt(mean(r.get('modeled_seconds_to_target', [None])))}; "
+                f"{fmt(mean(r.get('modeled_seconds_to_target_probed', [None])))} | {fmt(mean(r['accuracy_at_budget']), '{:.4f}')} | "
                 f"{fmt(mean(r['steps']), '{:.0f}')} | {fmt(mean(r['seconds_per_step']), '{:.3f}')} | "
+                f"{fmt(mean(r['sync_seconds_per_round']), '{:.3f}')} ({fmt(mean(r.get('rate_seconds_per_round', [None])), '{:.3f}')}) | "
                 f"{fmt(mean([statistics.mean(k) for k in r['kernel_tx_bytes_per_node']]) / 1e6, '{:.2f}')} | "
                 f"{fmt(mean(r['reported_bytes_per_worker']) / 1e6, '{:.2f}')} | "
                 f"{fmt(mean(r['kernel_over_reported']), '{:+.1%}')} | {fmt(mean(r['startup_seconds']))} |")
@@ -207,6 +277,22 @@ def plot(runs: dict[str, dict[str, list[dict]]], out: Path, title: str) -> list[
     return paths
 
 
+def probe_link(out: Path, nodes: int, rate: str, made_only: bool) -> dict | None:
+    """What each pattern gets of ``rate`` (benchmarks/linkprobe.py), measured once per shape and
+    kept beside the runs; None where it was never measured and ``made_only``."""
+    path = out / "probes" / f"{nodes}x{rate}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if made_only:
+        return None
+    from linkprobe import probe
+
+    record = probe(nodes, rate, megabytes=4.0, repeats=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
 def main(args: argparse.Namespace, recipe_command) -> dict[str, Any]:
     """compare.py's ``--network`` mode: every method at every rate, then the summary files."""
     specs = [parse_network(s) for s in args.network]
@@ -215,33 +301,44 @@ def main(args: argparse.Namespace, recipe_command) -> dict[str, Any]:
     if not (math.isfinite(args.train_seconds) and args.train_seconds > 0):
         raise SystemExit(f"--network needs --train-seconds, each method's training budget in seconds > 0; "
                          f"got {args.train_seconds}")
-    if not 0 <= args.target < 1:
+    if not all(0 <= t < 1 for t in args.target):
         raise SystemExit(f"--target is an accuracy in [0, 1) (0: the lowest best accuracy of all runs); got {args.target}")
     try:
-        check_host()
+        if not args.made_only:
+            check_host()
     except RuntimeError as error:
         raise SystemExit(f"--network: {error}") from None
     out = Path(args.out) / "network" / args.task
     runs: dict[str, dict[str, list[dict]]] = {}
     names = {m: args.ist_name if m == "ist" else m for m in args.methods}
-    Netbed.sweep()
+    if not args.made_only:
+        Netbed.sweep()
     for nodes, rate in specs:
         for method in sorted(args.methods, key=lambda m: m != "ist"):
             for seed in args.seeds:
                 name = names[method]
                 run_dir = out / "runs" / f"{rate}_{name}_seed{seed}"
                 recipe = [*recipe_command(args.task, method, seed, args, run_dir), "--train-seconds", str(args.train_seconds)]
+                if args.made_only and not made(recipe, run_dir, nodes, rate):
+                    print(f"== {args.task} {nodes}x{rate} {name} seed {seed}: not made, left out", flush=True)
+                    continue
                 print(f"== {args.task} {nodes}x{rate} {name} seed {seed}", flush=True)
                 run = run_on_network(recipe, run_dir, nodes, rate, timeout=3 * args.train_seconds + 900)
                 runs.setdefault(rate, {}).setdefault(name, []).append(run)
-    target = args.target or min(max(p["accuracy"] for p in r["history"])
-                                for by_method in runs.values() for rs in by_method.values() for r in rs)
-    summary = summarize(runs, target, args.train_seconds)
-    text = table(summary, target, args.train_seconds)
+    probes = {rate: probe_link(out, nodes, rate, args.made_only) for nodes, rate in specs if rate_bits(rate)}
+    probes = {rate: record for rate, record in probes.items() if record}
+    if not runs:
+        raise SystemExit(f"--made-only: no run under {out / 'runs'} was made with these flags")
+    lowest_best = min(max(p["accuracy"] for p in r["history"])
+                      for by_method in runs.values() for rs in by_method.values() for r in rs)
+    targets = [t or lowest_best for t in args.target]
+    summaries = {t: summarize(runs, t, args.train_seconds, probes) for t in targets}
+    target, summary = targets[0], summaries[targets[0]]
+    text = "\n".join(f"\n## target {t:g}\n" + table(summaries[t], t, args.train_seconds) for t in targets)
     result = {"task": args.task, "num_subnets": args.num_subnets, "seeds": args.seeds, "batch_size": args.batch_size,
               "local_steps": args.local_steps, "eval_every": args.eval_every, "target": target,
               "budget_seconds": args.train_seconds, "ist_args": args.ist_args, "extra": args.extra,
-              "rates": summary,
+              "rates": summary, "probes": probes, "other_targets": {str(t): summaries[t] for t in targets[1:]},
               "runs": {rate: {m: [{k: v for k, v in r.items() if k != "ist_config"} for r in rs]
                               for m, rs in by_method.items()} for rate, by_method in runs.items()}}
     (out / "results.json").write_text(json.dumps(result, indent=1))
