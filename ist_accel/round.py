@@ -622,8 +622,8 @@ class IST:
         snapshot; what remains of the global model."""
         snapshot = 0
         if self._snapshot is not None:
-            tensors, state = self._snapshot
-            snapshot = sum(t.numel() * t.element_size() for t in tensors.values())
+            tensors, state, momentum = self._snapshot
+            snapshot = sum(t.numel() * t.element_size() for t in (*tensors.values(), *momentum.values()))
             snapshot += sum(v.numel() * v.element_size() for st in state.values() for v in st.values()
                             if isinstance(v, torch.Tensor))
         return {

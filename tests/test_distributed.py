@@ -232,3 +232,26 @@ def test_engine_rejects_bad_worlds_before_creating_groups():
             IST(model, lambda p: torch.optim.SGD(p, lr=0.1), ISTConfig(num_subnets=1, group_size=2))
     finally:
         dist.destroy_process_group()
+
+
+def test_resident_bytes_counts_the_skip_snapshot():
+    """nonfinite='skip' keeps the round's starting values: resident_bytes() counts them (it
+    unpacked the snapshot as 2 items where 3 are kept, and raised ValueError)."""
+    import torch.distributed as dist
+
+    from ist_accel import IST
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = make_model("mlp")
+        plain = IST(model, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), ISTConfig(num_subnets=1))
+        assert plain.resident_bytes()["snapshot"] == 0
+        plain.close()
+        ist = IST(make_model("mlp"), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                  ISTConfig(num_subnets=1, nonfinite="skip"))
+        subnet = sum(p.numel() * p.element_size() for p in ist.model.parameters())
+        running = sum(b.numel() * b.element_size() for b in ist.model.buffers() if b.is_floating_point())
+        assert ist.resident_bytes()["snapshot"] == subnet + running  # no momentum yet: values and BN statistics
+        ist.close()
+    finally:
+        dist.destroy_process_group()
