@@ -115,15 +115,15 @@ class Transport:
 
     def start(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], kind: str) -> list:
         """Post a batch of messages (as :meth:`point_to_point`) and return their works."""
-        ops = []
-        for rank, t in sends.items():
-            if t.numel():
-                ops.append(dist.P2POp(dist.isend, t, rank))
-                self._count(kind, t.numel() * t.element_size(), 0.0)
+        ops = []  # the receives first: on shaped links gloo then moved 73 % of the rate, not 53 % (linkprobe.py)
         for rank, t in recvs.items():
             if t.numel():
                 ops.append(dist.P2POp(dist.irecv, t, rank))
                 self._count(kind, 0.0, t.numel() * t.element_size())
+        for rank, t in sends.items():
+            if t.numel():
+                ops.append(dist.P2POp(dist.isend, t, rank))
+                self._count(kind, t.numel() * t.element_size(), 0.0)
         return dist.batch_isend_irecv(ops) if ops else []
 
     def point_to_point(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], kind: str) -> None:
