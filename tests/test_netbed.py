@@ -50,6 +50,8 @@ def test_bad_input_is_refused_before_anything_exists():
     (["--network", "4x20mbit"], "--network needs --train-seconds"),
     (["--network", "4x20mbit", "--train-seconds", "inf"], "--network needs --train-seconds"),
     (["--network", "4x20mbit", "--train-seconds", "5", "--target", "nan"], "--target is an accuracy in [0, 1)"),
+    (["--network", "4x20mbit", "--train-seconds", "5", "--target", "0.5", "1.5"], "--target is an accuracy in [0, 1)"),
+    (["--network", "4x20mbit", "--train-seconds", "5", "--made-only"], "--made-only: no run under"),
 ])
 def test_compare_network_refuses_bad_flags_before_any_network(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--task", "mnist", "--num-subnets",
@@ -141,3 +143,68 @@ def test_ist_recipe_across_two_shaped_nodes_counted_by_the_kernel(tmp_path):
     assert run["bytes_sent_per_worker"] == pytest.approx(run["bytes_lower_per_worker"], rel=0.10)
     results = json.loads((out / "results.json").read_text())
     assert results["network"]["rate"] == "100mbit"
+
+
+@needs_root
+def test_linkprobe_moves_each_pattern_near_the_rate_and_leaves_no_network():
+    """benchmarks/linkprobe.py on 2 nodes at 50 Mbit/s: one flow, the ring all-reduce and the
+    engine's own point-to-point exchange each deliver between half the rate and the rate."""
+    linkprobe = _load("linkprobe")
+    with pytest.raises(ValueError, match="nodes must be at least 2"):
+        linkprobe.probe(1, "50mbit")
+    result = linkprobe.probe(2, "50mbit", megabytes=1.0, repeats=1)
+    shares = {name: r["of_nominal"] for name, r in result["patterns"].items()}
+    for name in ("pair", "ring all-reduce", "all-to-all, the engine's"):
+        assert 0.5 < shares[name] < 1.05, shares
+    assert not mine(os.getpid())
+
+
+def test_step_time_counts_flops_and_times_a_worker_step(tmp_path):
+    """benchmarks/step_time.py on a tiny batch: a step time, and torch's FLOP count against the
+    hand count for ResNet-20 (about 41 M multiply-adds forward a 32x32 image: 82 MFLOP, and
+    twice that backward)."""
+    script = str(ROOT / "benchmarks" / "step_time.py")
+    bad = subprocess.run([sys.executable, script, "--batch", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode and "--batch, --workers and --steps must be >= 1; got 0" in bad.stderr
+    out = tmp_path / "step.json"
+    subprocess.run([sys.executable, script, "--model", "preact_resnet20", "--batch", "2", "--workers", "2",
+                    "--steps", "1", "--json", str(out)], check=True, capture_output=True, timeout=300)
+    record = json.loads(out.read_text())
+    assert record["seconds_per_step"] > 0 and len(record["all_seconds"]) == 2
+    assert 2.2e8 < record["flops_per_step"] / 2 < 2.7e8, record["flops_per_step"]
+
+
+def test_modeled_time_to_target_by_hand():
+    """benchmarks/network.py's model, on hand-made runs: the basis run's wall-clock to the target
+    plus its exchange bytes by then at the rate (less those at the basis's own rate when the basis
+    is the fastest link, not an unshaped one), and at what a probe measured the link to deliver."""
+    network = _load("network")
+
+    def run(points, rounds=2, sync=1.0):
+        return {"history": [{"step": s, "accuracy": a, "wall_seconds": w, "bytes_sent_per_worker": b, "eval_seconds": 0}
+                            for s, a, w, b in points],
+                "bytes_measured": True, "bytes_sent_per_worker": points[-1][3], "rounds": rounds, "sync_seconds": sync,
+                "steps": points[-1][0], "final_accuracy": points[-1][1], "train_seconds": points[-1][2],
+                "network": {"elapsed_seconds": points[-1][2] + 5, "kernel_tx_bytes_per_node": [2e6, 2e6]}}
+
+    fast = run([(10, 0.3, 10.0, 1e6), (20, 0.6, 20.0, 2e6)])
+    slow = run([(10, 0.3, 14.0, 1e6), (20, 0.6, 28.0, 2e6)])
+    runs = {"1gbit": {"ist": [fast], "ddp": [fast]}, "20mbit": {"ist": [slow], "ddp": [slow]}}
+    assert network.model_basis(runs) == "1gbit" and network.model_basis({"none": {}, **runs}) == "none"
+    probes = {"1gbit": {"patterns": {"all-to-all, the engine's": {"effective_bits_per_second": 5e8},
+                                     "ring all-reduce": {"effective_bits_per_second": 1e9}}},
+              "20mbit": {"patterns": {"all-to-all, the engine's": {"effective_bits_per_second": 10e6},
+                                      "ring all-reduce": {"effective_bits_per_second": 20e6}}}}
+    summary = network.summarize(runs, 0.5, 30, probes)
+    ist, ddp = summary["20mbit"]["ist"], summary["20mbit"]["ddp"]
+    assert ist["wall_seconds_to_target"] == [28.0] and ist["wall_seconds_last_below_target"] == [14.0]
+    assert ist["wall_seconds_to_target_interpolated"] == [pytest.approx(14 + (0.5 - 0.3) / 0.3 * 14)]  # 23.33
+    # the basis crosses 0.5 two thirds of the way from step 10 to 20: 16.67 s, 1.667 MB
+    t, b = 10 + 2 / 3 * 10, 1e6 + 2 / 3 * 1e6
+    assert ist["modeled_seconds_to_target"] == [pytest.approx(t + b * 8 * (1 / 20e6 - 1 / 1e9))]  # 17.32
+    assert ist["modeled_seconds_to_target_probed"] == [pytest.approx(t + b * 8 * (1 / 10e6 - 1 / 5e8))]  # 17.97
+    assert ddp["modeled_seconds_to_target_probed"] == ddp["modeled_seconds_to_target"]
+    assert ist["rate_seconds_per_round"] == [pytest.approx(2e6 * 8 / 20e6 / 2)] and ist["sync_seconds_per_round"] == [0.5]
+    assert "modeled_seconds_to_target" not in summary["1gbit"]["ist"]  # the basis itself
+    unreached = network.summarize(runs, 0.9, 30)["20mbit"]["ist"]
+    assert unreached["wall_seconds_to_target"] == [None] and unreached["modeled_seconds_to_target"] == [None]
