@@ -178,7 +178,7 @@ def test_modeled_time_to_target_by_hand():
     """benchmarks/network.py's model, on hand-made runs: the basis run's wall-clock to the target
     plus its exchange bytes by then at the rate (less those at the basis's own rate when the basis
     is the fastest link, not an unshaped one), and at what a probe measured the link to deliver."""
-    network = _load("network")
+    network = _load("network_summary")
 
     def run(points, rounds=2, sync=1.0):
         return {"history": [{"step": s, "accuracy": a, "wall_seconds": w, "bytes_sent_per_worker": b, "eval_seconds": 0}
