@@ -58,16 +58,11 @@ def worker(megabytes: float, repeats: int) -> None:
         transport.point_to_point({p: buffer[:piece] for p in range(world) if p != rank},
                                  {p: torch.empty(piece) for p in range(world) if p != rank}, "exchange")
 
-    def sends_first() -> None:
-        ops = [dist.P2POp(dist.isend, buffer[:piece], p) for p in range(world) if p != rank]
-        ops += [dist.P2POp(dist.irecv, torch.empty(piece), p) for p in range(world) if p != rank]
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-
-    def receives_first() -> None:
-        ops = [dist.P2POp(dist.irecv, torch.empty(piece), p) for p in range(world) if p != rank]
-        ops += [dist.P2POp(dist.isend, buffer[:piece], p) for p in range(world) if p != rank]
-        for work in dist.batch_isend_irecv(ops):
+    def posted(receives_first: bool) -> None:  # a message to every peer at once, straight through gloo
+        peers = [p for p in range(world) if p != rank]
+        sends = [dist.P2POp(dist.isend, buffer[:piece], p) for p in peers]
+        receives = [dist.P2POp(dist.irecv, torch.empty(piece), p) for p in peers]
+        for work in dist.batch_isend_irecv(receives + sends if receives_first else sends + receives):
             work.wait()
 
     whole = torch.ones(piece * world)  # a piece for every rank, its own included (not sent)
@@ -77,8 +72,8 @@ def worker(megabytes: float, repeats: int) -> None:
 
     spread = piece * 4 * (world - 1)
     runs = {"pair": (pair, numel * 4), "ring all-reduce": (lambda: dist.all_reduce(buffer), 2 * (world - 1) / world * numel * 4),
-            "all-to-all, the engine's": (engine, spread), "all-to-all, sends posted first": (sends_first, spread),
-            "all-to-all, receives posted first": (receives_first, spread), "all_to_all_single": (gloo_all_to_all, spread)}
+            "all-to-all, the engine's": (engine, spread), "all-to-all, sends posted first": (lambda: posted(False), spread),
+            "all-to-all, receives posted first": (lambda: posted(True), spread), "all_to_all_single": (gloo_all_to_all, spread)}
     record = {}
     for name, (fn, sent) in runs.items():
         fn()  # warm: connections up, TCP past slow start
