@@ -20,9 +20,9 @@ from pathlib import Path
 
 from batchnorm_reestimate import _flag, accuracy, load_run
 
-from ist_accel.decompose import decompose
-from ist_accel.decompose.base import fold_scalings
-from ist_accel.training import add_training_args, ist_config
+from ist_accel.decompositions import decompose
+from ist_accel.decompositions.scaling import fold_scalings
+from ist_accel.recipe import add_training_args, ist_config
 
 
 def run_config(command: list[str]):

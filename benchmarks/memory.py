@@ -48,16 +48,16 @@ def predict(args: argparse.Namespace, num_subnets: int) -> dict[str, Any]:
     import torch
 
     from ist_accel import ISTConfig
+    from ist_accel.cost import cost_report
     from ist_accel.models import MLP
-    from ist_accel.plan import make_plan
 
     with torch.device("meta"):
         model = MLP(784, args.hidden, 10, norm="batch")
-    plan = make_plan(model, ISTConfig(num_subnets=num_subnets, seed=args.seed), name="mlp", optimizer_slots=1)
-    return {"model_params": plan.model_params, "full_state_bytes": plan.replica_memory,
-            "rank_bytes": [m.total for m in plan.rank_memory],
+    report = cost_report(model, ISTConfig(num_subnets=num_subnets, seed=args.seed), name="mlp", optimizer_slots=1)
+    return {"model_params": report.model_params, "full_state_bytes": report.replica_memory,
+            "rank_bytes": [m.total for m in report.rank_memory],
             "rank_detail": [{"subnet": m.subnet, "owner_shards": m.owner_shards, "buffers": m.buffers,
-                             "plans": m.plans} for m in plan.rank_memory]}
+                             "plans": m.plans} for m in report.rank_memory]}
 
 
 def command(args: argparse.Namespace, method: str, workers: int, out: Path, steps: int) -> list[str]:

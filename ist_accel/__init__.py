@@ -9,8 +9,6 @@ imports only the submodule that defines ``X``.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -23,13 +21,14 @@ _EXPORTS: dict[str, str] = {
     "lower_bound": "accounting",
     "ring_allreduce_bytes": "accounting",
     "ISTConfig": "config",
-    "Assignment": "decompose",
-    "Decomposition": "decompose",
-    "MLPDecomposition": "decompose",
-    "Piece": "decompose",
-    "ResidualDecomposition": "decompose",
-    "decompose": "decompose",
-    "find_residual_stages": "decompose",
+    "CostReport": "cost",
+    "cost_report": "cost",
+    "Assignment": "decompositions",
+    "Decomposition": "decompositions",
+    "MLPDecomposition": "decompositions",
+    "ResidualDecomposition": "decompositions",
+    "decompose": "decompositions",
+    "find_residual_stages": "decompositions",
     "CheckpointError": "checkpoint",
     "CheckpointSaveError": "checkpoint",
     "ISTAgreementError": "faults",
@@ -37,13 +36,12 @@ _EXPORTS: dict[str, str] = {
     "ISTNonFiniteError": "faults",
     "ISTPeerFailure": "faults",
     "ISTSyncError": "faults",
-    "Plan": "plan",
-    "make_plan": "plan",
     "check_setup": "preflight",
     "ReferenceIST": "reference",
     "IST": "round",
     "RoundMetrics": "round",
     "SubnetTensors": "subnet",
+    "Piece": "tensors",
     "Topology": "topology",
     "TransferPlan": "transfer",
     "build_plan": "transfer",
@@ -52,12 +50,14 @@ _EXPORTS: dict[str, str] = {
     "ISTCallback": "trainer",
     "ISTTrainer": "trainer",
     "ISTSeq2SeqTrainer": "trainer",
+    "apply": "trainer",
 }
 
 __all__ = [
     "Assignment",
     "CheckpointError",
     "CheckpointSaveError",
+    "CostReport",
     "Decomposition",
     "IST",
     "ISTAccelerator",
@@ -73,7 +73,6 @@ __all__ = [
     "ISTTrainer",
     "MLPDecomposition",
     "Piece",
-    "Plan",
     "ReferenceIST",
     "ResidualDecomposition",
     "RoundBytes",
@@ -82,13 +81,14 @@ __all__ = [
     "Topology",
     "TransferPlan",
     "ZeroSubnet",
+    "apply",
     "build_plan",
     "check_deepspeed_config",
     "check_setup",
+    "cost_report",
     "decompose",
     "find_residual_stages",
     "lower_bound",
-    "make_plan",
     "ring_allreduce_bytes",
 ]  # the keys of _EXPORTS (tests/test_imports.py checks)
 
@@ -97,23 +97,23 @@ if TYPE_CHECKING:  # static checkers see the real names; nothing below runs
     from .accounting import RoundBytes, lower_bound, ring_allreduce_bytes
     from .checkpoint import CheckpointError, CheckpointSaveError
     from .config import ISTConfig
-    from .decompose import (
+    from .cost import CostReport, cost_report
+    from .decompositions import (
         Assignment,
         Decomposition,
         MLPDecomposition,
-        Piece,
         ResidualDecomposition,
         decompose,
         find_residual_stages,
     )
     from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTPeerFailure, ISTSyncError
-    from .plan import Plan, make_plan
     from .preflight import check_setup
     from .reference import ReferenceIST
     from .round import IST, RoundMetrics
     from .subnet import SubnetTensors
+    from .tensors import Piece
     from .topology import Topology
-    from .trainer import ISTCallback, ISTSeq2SeqTrainer, ISTTrainer
+    from .trainer import ISTCallback, ISTSeq2SeqTrainer, ISTTrainer, apply
     from .transfer import TransferPlan, build_plan
     from .zero import ZeroSubnet, check_deepspeed_config
 
@@ -130,20 +130,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-class _Package(types.ModuleType):
-    """``decompose`` is both a public function and the subpackage that defines it. Loading
-    the subpackage makes the import system set ``ist_accel.decompose`` to the module;
-    this property keeps the public name the function, as it was when the package
-    imported everything eagerly."""
-
-    def _decompose(self) -> Any:
-        return importlib.import_module(".decompose", __name__).decompose
-
-    def _keep_function(self, value: Any) -> None:  # the import system records the subpackage here
-        pass
-
-    decompose = property(_decompose, _keep_function)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -11,7 +11,7 @@ from .config import DECOMPOSITIONS, ISTConfig
 
 
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="sizes and bytes per round of an IST configuration")
+    p = sub.add_parser("plan", help="the cost report of an IST configuration: sizes, bytes per round, memory per rank")
     p.add_argument("--model", required=True, help="e.g. preact_resnet101, resnet50, timm:resnet50, mlp")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--num-subnets", type=int, required=True)
@@ -29,7 +29,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_plan(args: argparse.Namespace) -> int:
     from .models import build_model
-    from .plan import make_plan
+    from .cost import cost_report
 
     config = ISTConfig(
         num_subnets=args.num_subnets, min_blocks=args.min_blocks, group_size=args.group_size,
@@ -44,8 +44,8 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     with torch.device("meta"):  # sizes only: a model of any size costs no memory here
         model = build_model(args.model, args.num_classes, **kwargs)
-    plan = make_plan(model, config, name=args.model, optimizer_slots=args.optimizer_slots)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.to_markdown())
+    report = cost_report(model, config, name=args.model, optimizer_slots=args.optimizer_slots)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown())
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .decompose import Piece, state_tensors
+from .tensors import Piece, state_tensors
 
 
 def is_meta(model: nn.Module) -> bool:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ist_accel.decompose import decompose
-from ist_accel.decompose.base import fold_scalings
+from ist_accel.decompositions import decompose
+from ist_accel.decompositions.scaling import fold_scalings
 from ist_accel.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent

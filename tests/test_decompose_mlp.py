@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ist_accel.config import ISTConfig
-from ist_accel.decompose import MLPDecomposition, decompose, load_subnet, split_neurons, state_tensors
+from ist_accel.decompositions import MLPDecomposition, decompose, load_subnet, split_neurons, state_tensors
 from ist_accel.models import MLP
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ist_accel.config import ISTConfig
-from ist_accel.decompose import (
+from ist_accel.decompositions import (
     ResidualDecomposition, decompose, deal_blocks, find_residual_stages, load_subnet, state_tensors,
 )
 from ist_accel.models import TORCHVISION_NAMES, build_model
@@ -146,7 +146,7 @@ def test_assignment_is_the_same_in_every_process():
     import sys
 
     code = (
-        "from ist_accel.models import build_model; from ist_accel.decompose import ResidualDecomposition;"
+        "from ist_accel.models import build_model; from ist_accel.decompositions import ResidualDecomposition;"
         "d=ResidualDecomposition(build_model('preact_resnet56',10),4,seed=9); print(d.assignment(3).digest())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]

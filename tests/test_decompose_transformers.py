@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 transformers = pytest.importorskip("transformers")
 
 from ist_accel import ISTConfig, decompose  # noqa: E402
-from ist_accel.decompose import TransformerLayerDecomposition, find_layer_stacks, load_subnet, state_tensors  # noqa: E402
+from ist_accel.decompositions import TransformerLayerDecomposition, find_layer_stacks, load_subnet, state_tensors  # noqa: E402
 
 
 def tiny(name: str) -> nn.Module:

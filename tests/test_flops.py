@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ist_accel.decompose import MLPDecomposition, ResidualDecomposition, load_subnet, state_tensors
+from ist_accel.decompositions import MLPDecomposition, ResidualDecomposition, load_subnet, state_tensors
 from ist_accel.models import MLP, build_model
 
 

@@ -69,8 +69,9 @@ def test_every_public_name_resolves_and_is_listed():
 
 
 def test_decompose_stays_the_function_after_its_subpackage_loads():
-    """``decompose`` names both a function and the subpackage defining it; loading the
-    subpackage must not replace the public function with the module."""
-    code = ("import ist_accel\nimport ist_accel.decompose.base\nfrom ist_accel import decompose\n"
+    """``ist_accel.decompose`` is the public function; loading the subpackage that defines
+    it (``ist_accel.decompositions``, named differently so that it cannot shadow the
+    function) must not replace it with a module."""
+    code = ("import ist_accel\nimport ist_accel.decompositions.base\nfrom ist_accel import decompose\n"
             "import inspect\nprint(inspect.isfunction(decompose), inspect.isfunction(ist_accel.decompose))")
     assert _fresh(code).split() == ["True", "True"]

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from common import make_model  # noqa: E402
 
 from ist_accel import ISTConfig, decompose  # noqa: E402
-from ist_accel.decompose import average_into_global, load_subnet, state_tensors  # noqa: E402
+from ist_accel.decompositions import average_into_global, load_subnet, state_tensors  # noqa: E402
 from ist_accel.exchange import Exchange  # noqa: E402
 from ist_accel.global_view import GatherPlan  # noqa: E402
 from ist_accel.models import MLP, build_model  # noqa: E402

@@ -18,16 +18,16 @@ and OPT-style layers (``fc1``/``fc2``, ``self_attn.*_proj``/``out_proj``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .base import Assignment, Decomposition, Piece, Scaling, check_num_subnets, evaluation_view, scaling_hooks
+from ..tensors import Piece
+from .base import Assignment, Decomposition, check_num_subnets
 from .sampling import split_assignment
+from .scaling import Scaling
 from .trace import get_module, set_module
 from .transformer import find_layer_stacks
 
@@ -197,12 +197,6 @@ class TransformerWidthDecomposition(Decomposition):
     def shared_names(self) -> set[str]:
         cut = self._cuts(self.assignment(0).units[0])
         return {n for n in self.tensor_names if n not in cut}
-
-    @contextlib.contextmanager
-    def eval_view(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
-        model = self.model if model is None else model
-        with evaluation_view(model, scaling_hooks(model, self.eval_scalings())) as view:
-            yield view
 
     def eval_scalings(self) -> list[Scaling]:
         """Inputs of every layer's cut output projection (FFN down / attention out) by ``1/S``."""

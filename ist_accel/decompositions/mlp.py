@@ -9,15 +9,15 @@ on a hidden layer (BatchNorm1d, LayerNorm) are cut with it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .base import Assignment, Decomposition, Piece, Scaling, check_num_subnets, evaluation_view, scaling_hooks
+from ..tensors import Piece
+from .base import Assignment, Decomposition, check_num_subnets
 from .sampling import split_assignment
+from .scaling import Scaling
 from .trace import default_example_input, get_module, set_module, trace_model
 
 _NORMS = (nn.BatchNorm1d, nn.LayerNorm)
@@ -140,14 +140,6 @@ class MLPDecomposition(Decomposition):
 
     def shared_names(self) -> set[str]:
         return {p.global_name for p in self.pieces(self.assignment(0), 0) if p.index is None}
-
-    @contextlib.contextmanager
-    def eval_view(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
-        """All neurons active; inputs of layers whose inputs were cut scaled by ``1/S``
-        (each subnet learned to produce a layer's output from ``1/S`` of its inputs)."""
-        model = self.model if model is None else model
-        with evaluation_view(model, scaling_hooks(model, self.eval_scalings())) as view:
-            yield view
 
     def eval_scalings(self) -> list[Scaling]:
         """Inputs of every Linear after the first (their inputs were cut) by ``1/S``."""

@@ -13,10 +13,10 @@ hold. Each layer's residual branches end in an output projection (``o_proj``,
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from .residual import ResidualDecomposition, ResidualStage, STAGE_SPEC
+from .residual import ResidualDecomposition
+from .residual_stages import STAGE_SPEC, ResidualStage
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "down_proj", "fc2", "o", "wo", "dense_4h_to_h")
@@ -131,11 +131,6 @@ class TransformerLayerDecomposition(ResidualDecomposition):
                     if isinstance(getattr(module, "layer_idx", None), int):
                         module.layer_idx = slot
         return sub
-
-
-def default_transformer_input(model: nn.Module) -> torch.Tensor:
-    vocab = getattr(model.config, "vocab_size", 16) or 16
-    return torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
 __all__ = ["TransformerLayerDecomposition", "find_layer_stacks", "is_transformer", "select_layer_stages"]

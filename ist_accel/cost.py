@@ -1,4 +1,9 @@
-"""`ist-accel plan`: what one IST round costs for a model, before anything runs."""
+"""The cost report of ``ist-accel plan``: what one IST round costs for a model (sizes,
+bytes per worker against the lower bound, memory per rank), before anything runs.
+
+Not to be confused with :class:`~ist_accel.transfer.TransferPlan` (what one group moves in
+one round transition, which :func:`rank_memory` builds to size the exchange's buffers).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from torch import nn
 
 from .accounting import FP32_BYTES, lower_bound, ring_allreduce_bytes
 from .config import ISTConfig
-from .decompose import Decomposition, decompose, state_tensors
+from .decompositions import Decomposition, decompose
+from .tensors import state_tensors
 from .transfer import FieldSpec, build_plan, layouts
 
 
@@ -16,7 +22,7 @@ from .transfer import FieldSpec, build_plan, layouts
 class RankMemory:
     """Bytes one rank of a subnet group keeps for training (fp32): its subnet's parameters,
     gradients and optimizer state; the owner shards (rows of the global model no subnet
-    holds this round); the exchange's reusable buffers; the round plans."""
+    holds this round); the exchange's reusable buffers; the transfer plans."""
 
     subnet: int
     owner_shards: int
@@ -66,8 +72,9 @@ def rank_memory(d: Decomposition, config: ISTConfig, optimizer_slots: int = 1, r
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Sizes (parameters) and per-worker bytes (fp32) of one IST configuration."""
+class CostReport:
+    """What ``ist-accel plan`` reports for one IST configuration: sizes (parameters),
+    bytes per worker (fp32) against LocalSGD and DDP, and memory per rank."""
 
     model: str
     decomposition: str
@@ -116,8 +123,8 @@ class Plan:
         return head + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def make_plan(model: nn.Module, config: ISTConfig, name: str = "model", rounds: int = 4,
-              optimizer_slots: int = 1) -> Plan:
+def cost_report(model: nn.Module, config: ISTConfig, name: str = "model", rounds: int = 4,
+                optimizer_slots: int = 1) -> CostReport:
     """Sizes of ``model`` under ``config``, bytes per worker (the IST bound averaged over the
     first ``rounds`` round transitions) and memory per rank (:func:`rank_memory`). The
     model may be on the meta device."""
@@ -130,7 +137,7 @@ def make_plan(model: nn.Module, config: ISTConfig, name: str = "model", rounds: 
     for r in range(rounds):
         b = lower_bound(d, d.assignment(r), d.assignment(r + 1)).bytes(FP32_BYTES, config.group_size)
         per_worker = [acc + x / rounds for acc, x in zip(per_worker, b.sent)]
-    return Plan(
+    return CostReport(
         model=name,
         decomposition=_kind(d),
         num_subnets=config.num_subnets,
@@ -152,3 +159,6 @@ def make_plan(model: nn.Module, config: ISTConfig, name: str = "model", rounds: 
 
 def _kind(d: Decomposition) -> str:
     return "ist_mlp" if type(d).__name__ == "MLPDecomposition" else "resist"
+
+
+__all__ = ["CostReport", "RankMemory", "cost_report", "rank_memory"]

@@ -1,7 +1,11 @@
-"""What a subnet is: units, shared set, sampling, subnet build, eval scaling.
+"""The decompositions: what a subnet is for each model family (IST arXiv 1910.02120:
+neurons of an MLP or of a transformer's layers; ResIST arXiv 2107.00961: blocks of a
+residual stack or a transformer's layers), and :func:`decompose`, which picks one.
 
-Pure torch, no communication: every rank derives the same assignment from the
-shared seed and the round number.
+Pure torch, no communication: every rank derives the same assignment from the shared
+seed and the round number. The tensor-level names (:class:`~ist_accel.tensors.Piece`,
+:func:`~ist_accel.tensors.state_tensors`) live in the leaf module :mod:`ist_accel.tensors`
+and are re-exported here.
 """
 
 from __future__ import annotations
@@ -10,13 +14,15 @@ import torch
 from torch import nn
 
 from ..config import ISTConfig
-from .base import (Assignment, Decomposition, Piece, average_into_global, keep_frozen, kept_tensors, load_subnet,
-                   state_tensors)
+from ..tensors import Piece, state_tensors
+from .base import Assignment, Decomposition
 from .mlp import MLPDecomposition, find_mlp_layers
-from .residual import ResidualDecomposition, ResidualStage, find_residual_stages
+from .pieces import average_into_global, keep_frozen, kept_tensors, load_subnet
+from .residual import ResidualDecomposition
+from .residual_stages import ResidualStage, find_residual_stages
+from .sampling import blocks_per_subnet, deal_blocks, split_neurons
 from .transformer import TransformerLayerDecomposition, find_layer_stacks, is_transformer
 from .transformer_width import TransformerWidthDecomposition
-from .sampling import blocks_per_subnet, deal_blocks, split_neurons
 
 
 def decompose(
@@ -56,7 +62,8 @@ def decompose(
 
 
 __all__ = [
-    "Assignment", "Decomposition", "MLPDecomposition", "Piece", "ResidualDecomposition",
-    "ResidualStage", "TransformerLayerDecomposition", "TransformerWidthDecomposition", "average_into_global", "find_layer_stacks", "is_transformer", "blocks_per_subnet", "deal_blocks", "decompose",
-    "find_mlp_layers", "find_residual_stages", "keep_frozen", "kept_tensors", "load_subnet", "split_neurons", "state_tensors",
+    "Assignment", "Decomposition", "MLPDecomposition", "Piece", "ResidualDecomposition", "ResidualStage",
+    "TransformerLayerDecomposition", "TransformerWidthDecomposition", "average_into_global", "blocks_per_subnet",
+    "deal_blocks", "decompose", "find_layer_stacks", "find_mlp_layers", "find_residual_stages", "is_transformer",
+    "keep_frozen", "kept_tensors", "load_subnet", "split_neurons", "state_tensors",
 ]
