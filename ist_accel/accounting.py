@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .decompose import Assignment, Decomposition, state_tensors
+from .decompositions import Assignment, Decomposition
+from .tensors import state_tensors
 from .transfer import FieldSpec, field_bound, layouts, owner_group
 
 FP32_BYTES = 4

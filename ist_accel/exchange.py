@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,6 +59,20 @@ class OwnerShards:
 
     def numel(self) -> int:
         return sum(v.numel() for v in self.values.values())
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.values.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the shards and their rows, for a checkpoint of this rank."""
+        return {"owners": {n: v.clone() for n, v in self.values.items()},
+                "owner_rows": {n: list(r) for n, r in self.rows.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (shards of optimizer state appear at the first sync)."""
+        for name, value in state["owners"].items():
+            self.rows[name] = tuple(state["owner_rows"][name])
+            self.values[name] = value.to(self.device)
 
 
 class Buffers:
@@ -114,17 +129,8 @@ class Exchange:
         # the subnet's shared tensors as views of one flat buffer, and its layout (set by the engine)
         self.flat_shared: tuple[torch.Tensor, tuple[tuple[str, int, int], ...]] | None = None
 
-    def run(self, plan: TransferPlan, current: Mapping[int, torch.Tensor], targets: Mapping[int, torch.Tensor]) -> Timings:
-        """One round transition: ``current[i]`` is this group's tensor of field ``i`` this round
-        (absent if it holds none), ``targets[i]`` the tensor it holds next round."""
-        timings = Timings()
-        start = time.perf_counter()
-        packed = self.pack(plan, current)
-        timings.pack = time.perf_counter() - start
-        self.finish(plan, packed, targets, timings)
-        return timings
-
-    def finish(self, plan: TransferPlan, packed: Packed, targets: Mapping[int, torch.Tensor], timings: Timings) -> None:
+    def wire_and_unpack(self, plan: TransferPlan, packed: Packed, targets: Mapping[int, torch.Tensor],
+                        timings: Timings) -> None:
         """Wire and unpack what :meth:`pack` produced, adding their seconds to ``timings``."""
         start = time.perf_counter()
         timings.shared = self.wire_messages(plan, packed)

@@ -8,10 +8,13 @@ the same verdict: all raise :class:`ISTAgreementError` naming the field,
 all raise :class:`ISTNonFiniteError`, or all skip the same groups' updates. The payload
 has the same size at every check, so ranks that reach different checks (one syncing,
 one evaluating) meet in the same collective and are told so (field ``phase``).
+
+Policy ``skip`` needs the round's starting values to fall back to: :class:`SkipSnapshot`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from .faults import ISTAgreementError, ISTNonFiniteError
+from .subnet import SubnetTensors, clone_state
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -34,18 +38,30 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
+def digest(value: Any) -> int:
+    """A 48-bit digest of ``value``'s ``repr`` (an agreement field)."""
+    return int(hashlib.sha256(repr(value).encode()).hexdigest()[:12], 16)
+
+
 class RoundGuard:
     """The agreement check and the non-finite verdict (module docstring)."""
 
     def __init__(self, transport: Transport, num_groups: int, group_index: int, rank: int, nonfinite: str,
-                 device: torch.device) -> None:
+                 device: torch.device, identity: Callable[[], dict[str, int]] = dict) -> None:
         self.transport, self.S, self.group_index, self.rank = transport, num_groups, group_index, rank
         self.nonfinite, self.device = nonfinite, device
+        self.identity = identity  # what must not change in a run, read at each check: world size, model, config
 
-    def check(self, fields: dict[str, int], finite: bool = True) -> list[int]:
-        """Raise unless every rank passed the same ``fields``; return the groups whose flag
-        says non-finite."""
-        return self.start(fields, finite)()
+    def post(self, phase: str, round_: int, step: int, assignment: int, fields: list | None = None,
+             finite: bool = True) -> Callable[[], bool]:
+        """Post the check of ``phase`` at ``round_``/``step`` (``assignment``: its digest;
+        ``fields``: the round's field specs at a sync) with this rank's non-finite flag;
+        the result, called, waits for the verdict (:meth:`verdict`): True if this group
+        must drop its update of the round."""
+        agreement = {"phase": PHASES[phase], **self.identity(), "round": round_, "step": step, "assignment": assignment,
+                     "fields": digest([(f.name, tuple(f.shape)) for f in fields]) if fields is not None else 0}
+        pending = self.start(agreement, finite)
+        return lambda: self.verdict(pending(), f"round {round_} (step {step})")
 
     def start(self, fields: dict[str, int], finite: bool = True) -> Callable[[], list[int]]:
         """Post the check and return its result to call later (local work can go on while
@@ -90,8 +106,26 @@ class RoundGuard:
         return self.group_index in groups
 
 
-def clone_state(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()} for n, st in state.items()}
+class SkipSnapshot:
+    """Policy ``skip``: a group's values, optimizer state and outer momentum at the round's
+    start (a subnet's worth of memory), to fall back to when its update is dropped."""
+
+    def __init__(self, tensors: SubnetTensors, momentum: dict[str, torch.Tensor]) -> None:
+        self.tensors = {n: t.detach().clone() for n, t in tensors.tensors().items()}
+        self.state = clone_state(tensors.optimizer_state())
+        self.momentum = {n: m.clone() for n, m in momentum.items()}
+
+    def restore(self, tensors: SubnetTensors, momentum: dict[str, torch.Tensor]) -> None:
+        """Drop the round's update: back to the values it started with."""
+        tensors.write(self.tensors, clone_state(self.state))
+        for name, value in self.momentum.items():
+            momentum[name].copy_(value)
+
+    def nbytes(self) -> int:
+        """Bytes it keeps (for ``IST.resident_bytes``)."""
+        n = sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *self.momentum.values()))
+        return n + sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                       if isinstance(v, torch.Tensor))
 
 
-__all__ = ["PHASES", "RoundGuard", "all_finite", "clone_state"]
+__all__ = ["PHASES", "RoundGuard", "SkipSnapshot", "all_finite", "digest"]

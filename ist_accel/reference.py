@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from .config import OPTIMIZER_STATE_POLICIES
-from .decompose import (Decomposition, Piece, average_into_global, keep_frozen, kept_tensors, load_subnet,
-                        state_tensors)
+from .decompositions import Decomposition, average_into_global, keep_frozen, kept_tensors, load_subnet
 from .outer import OuterSGD
 from .subnet import keep_optimizer_state
+from .tensors import Piece, state_tensors
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import checkpoint
 from .global_view import GatherPlan
+from .subnet import integer_buffer_copies
 
 if TYPE_CHECKING:
     from .round import IST
@@ -73,8 +75,8 @@ def collect_shards(ist: IST, export: bool = False, budget: int = BUDGET) -> Shar
     """Every collective of a sharded save (module docstring): each group leader receives the
     pieces of the tensors it writes. Every rank calls it; then each calls :meth:`Shards.write`."""
     top, S = ist.topology, ist.config.num_subnets
-    with ist._communication(f"saving the global model at step {ist.steps}"):
-        plan, current = ist._read_current()
+    with ist.transport.communication(f"saving the global model at step {ist.steps}"):
+        plan, current = ist.read_current()
         persistent = set(ist.model_global.state_dict())
         fields = [i for i, f in enumerate(plan.fields) if f.name in persistent]
         factors = ist.decomposition.export_factors() if export else {}
@@ -93,9 +95,9 @@ def collect_shards(ist: IST, export: bool = False, budget: int = BUDGET) -> Shar
                     value = gathered[k] * factors[f.name] if f.name in factors else gathered[k]
                     out.tensors[f.name] = value.to(f.dtype).cpu().contiguous()
     if top.rank == 0:  # integer buffers (BatchNorm's num_batches_tracked), as the global model has them
-        for name, b in ist.model_global.named_buffers():
-            if name in persistent and not b.is_floating_point():
-                out.tensors[name] = torch.zeros(b.shape, dtype=b.dtype) if b.is_meta else b.detach().clone().cpu()
+        for name, b in integer_buffer_copies(ist.model_global).items():
+            if name in persistent:
+                out.tensors[name] = b.cpu()
         weight_map = {plan.fields[i].name: shard_name(w, S) for w, chosen in enumerate(writers)
                       for i in (fields[k] for k in chosen)}
         weight_map.update({n: shard_name(0, S) for n in out.tensors if n not in weight_map})
@@ -113,12 +115,8 @@ def save_sharded(ist: IST, folder: str | Path, export: bool = False, budget: int
         written = shards.write(folder)
     except Exception as error:  # a full disk, say
         failure, written = error, None
-    flags = ist.transport.exchange_small(torch.tensor([int(failure is not None)], device=ist.device), "save")
-    if failure is not None:
-        raise failure
-    if bool(flags.any()):
-        raise OSError(f"writing the sharded model into {folder} failed on rank(s) "
-                      f"{flags.flatten().nonzero().flatten().tolist()}")
+    checkpoint.raise_unless_all_saved(failure, folder, what="writing the sharded model into", exchange=lambda flag:
+                                      ist.transport.exchange_small(flag.to(ist.device), "save"))
     return written
 
 

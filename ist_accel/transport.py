@@ -1,7 +1,10 @@
 """The engine's only door to ``torch.distributed``: the few collectives and point-to-point
 messages IST needs, each counted in a byte ledger by purpose (``shared`` and ``exchange``: the round end, ``check``,
 ``setup``, ``gather``, ``eval``, ``intra``), so reports can give the exchange and every
-other byte separately.
+other byte separately. It also owns the translation of a failed collective into
+:class:`~ist_accel.faults.ISTSyncError` (:meth:`Transport.communication`) and the one
+flatten -> collective -> unflatten of a set of tensors (:meth:`Transport.average`,
+:meth:`Transport.broadcast_values`).
 
 Bytes are what this rank puts on (and takes off) the wire under the algorithm each
 collective runs: point-to-point messages exactly; an all-reduce of ``n`` bytes among
@@ -11,12 +14,15 @@ collective runs: point-to-point messages exactly; an all-reduce of ``n`` bytes a
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from .faults import ISTError, is_communication_error, peer_failures, sync_failure
 from .topology import Topology
 
 KINDS = ("shared", "exchange", "check", "setup", "gather", "eval", "intra")
@@ -34,14 +40,6 @@ class Ledger(defaultdict):
     def __init__(self) -> None:
         super().__init__(Bytes)
 
-    def total(self, kinds: tuple[str, ...] | None = None) -> Bytes:
-        out = Bytes()
-        for kind, b in self.items():
-            if kinds is None or kind in kinds:
-                out.sent += b.sent
-                out.received += b.received
-        return out
-
     def copy(self) -> dict[str, tuple[float, float]]:
         return {k: (b.sent, b.received) for k, b in self.items()}
 
@@ -51,11 +49,27 @@ def _size(group: dist.ProcessGroup | None) -> int:
 
 
 class Transport:
-    """Collectives over a :class:`Topology`'s groups, with a byte ledger."""
+    """Collectives over a :class:`Topology`'s groups, with a byte ledger. It also owns the
+    translation of communication failures (:meth:`communication`): the algorithm's units
+    never catch them themselves."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, sync_timeout: float | None = None) -> None:
         self.topology = topology
+        self.sync_timeout = sync_timeout  # named in the error of a failed collective (None: as applied)
         self.ledger = Ledger()
+
+    @contextlib.contextmanager
+    def communication(self, what: str) -> Iterator[None]:
+        """A failing collective inside becomes :class:`~ist_accel.faults.ISTSyncError` naming
+        ``what`` and what a failed peer said; the engine's own errors pass unchanged."""
+        try:
+            yield
+        except ISTError:
+            raise
+        except Exception as error:
+            if not is_communication_error(error):
+                raise
+            raise sync_failure(error, self.sync_timeout, what, peer_failures()) from error
 
     def _count(self, kind: str, sent: float, received: float) -> None:
         entry = self.ledger[kind]
@@ -70,6 +84,28 @@ class Transport:
             dist.all_reduce(tensor, op=op, group=group)
         ring = 2 * (n - 1) / n * tensor.numel() * tensor.element_size() if n > 1 else 0.0
         self._count(kind, ring, ring)
+
+    def average(self, tensors: Sequence[torch.Tensor], kind: str, group: dist.ProcessGroup | None = None,
+                dtype: torch.dtype | None = None, in_place: bool = True) -> list[torch.Tensor]:
+        """The mean of ``tensors`` over ``group``, in one all-reduce of their flat
+        concatenation (in ``dtype``, default: the tensors' own). In place: written back into
+        ``tensors``; else returned as new tensors of their shapes and dtypes."""
+        if not tensors:
+            return []
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        if dtype is not None:
+            flat = flat.to(dtype)
+        self.all_reduce(flat, kind, group=group)
+        flat /= _size(group)
+        return unflatten(flat, tensors, in_place)
+
+    def broadcast_values(self, tensors: Sequence[torch.Tensor], src: int, kind: str, dtype: torch.dtype) -> None:
+        """Give every rank rank ``src``'s values of ``tensors`` (in place), in one broadcast
+        of their flat concatenation in ``dtype``."""
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+        self.broadcast(flat, src, kind)
+        with torch.no_grad():
+            unflatten(flat, tensors, in_place=True)
 
     def reduce(self, tensor: torch.Tensor, dst: int, kind: str, group: dist.ProcessGroup | None = None) -> None:
         """Sum ``tensor`` into global rank ``dst`` (in place there)."""
@@ -133,4 +169,15 @@ class Transport:
             work.wait()
 
 
-__all__ = ["KINDS", "Bytes", "Ledger", "Transport"]
+def unflatten(flat: torch.Tensor, tensors: Sequence[torch.Tensor], in_place: bool) -> list[torch.Tensor]:
+    """Split ``flat`` back into ``tensors``' shapes: copied into them (``in_place``), or as
+    views of ``flat`` in each tensor's dtype."""
+    out, offset = [], 0
+    for t in tensors:
+        part = flat[offset : offset + t.numel()].view_as(t)
+        out.append(t.copy_(part) if in_place else part.to(t.dtype))
+        offset += t.numel()
+    return out
+
+
+__all__ = ["KINDS", "Bytes", "Ledger", "Transport", "unflatten"]

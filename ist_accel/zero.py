@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .decompose import state_tensors
+from .tensors import state_tensors
 from .subnet import SubnetTensors
 
 STAGES = (1, 2, 3)
@@ -123,16 +123,20 @@ class ZeroSubnet(SubnetTensors):
             optimizer._hp_optimizer_states_linked = False
             optimizer._lazy_init_hp_params_optimizer_state()
 
-    def _state_keys(self) -> list[str]:
-        """Per-element optimizer-state entries (a scalar ``step`` is the same in every group)."""
+    def element_state_keys(self) -> list[str]:
+        """The optimizer-state keys that travel: per-element entries (a scalar ``step`` is
+        the same in every group)."""
         keys = {k for st in self.base.state.values() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
         return sorted(keys)
 
-    def optimizer_state(self, keys: tuple = ()) -> dict[str, dict[str, Any]]:
+    def optimizer_state(self, ensure: tuple = ()) -> dict[str, dict[str, Any]]:
+        """Whole per-element optimizer state by parameter name, assembled from the group's
+        partitions. ``ensure`` is not used: DeepSpeed creates the entries of every trained
+        parameter together, at the first step, so none lacks what another has."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
         self._link_state()
-        keys = self._state_keys()
+        keys = self.element_state_keys()
         out: dict[str, dict[str, Any]] = {}
         for name, param in self.module.named_parameters():
             if param.requires_grad and keys:
@@ -156,7 +160,7 @@ class ZeroSubnet(SubnetTensors):
         if state is None:
             return
         self._link_state()
-        keys = self._state_keys()
+        keys = self.element_state_keys()
         for name, entries in state.items():
             for key, value in entries.items():
                 if key in keys:

@@ -246,12 +246,38 @@ def test_resident_bytes_counts_the_skip_snapshot():
         model = make_model("mlp")
         plain = IST(model, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), ISTConfig(num_subnets=1))
         assert plain.resident_bytes()["snapshot"] == 0
-        plain.close()
+        plain.remove_hooks()
         ist = IST(make_model("mlp"), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                   ISTConfig(num_subnets=1, nonfinite="skip"))
         subnet = sum(p.numel() * p.element_size() for p in ist.model.parameters())
         running = sum(b.numel() * b.element_size() for b in ist.model.buffers() if b.is_floating_point())
         assert ist.resident_bytes()["snapshot"] == subnet + running  # no momentum yet: values and BN statistics
-        ist.close()
+        ist.remove_hooks()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_state_shape_check_is_shared_and_names_the_tensor():
+    """One shape check (checkpoint.shape_mismatch) behind IST.shape_mismatch, the seam the
+    integrations call before loading, and IST.load_state_dict, which refuses the same state."""
+    import torch.distributed as dist
+
+    from ist_accel import IST
+    from ist_accel.models import MLP
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        optimizer = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+        narrow = IST(MLP(12, [16, 16], 3), optimizer, ISTConfig(num_subnets=1))
+        state = narrow.state_dict()
+        assert narrow.shape_mismatch(state) is None
+        narrow.load_state_dict(state)  # its own state fits
+        narrow.remove_hooks()
+        wide = IST(MLP(12, [32, 16], 3), optimizer, ISTConfig(num_subnets=1))
+        problem = wide.shape_mismatch(state)
+        assert problem is not None and "has shape" in problem and "in the checkpoint" in problem, problem
+        with pytest.raises(ValueError, match="has shape"):
+            wide.load_state_dict(state)
+        wide.remove_hooks()
     finally:
         dist.destroy_process_group()

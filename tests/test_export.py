@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from common import make_model  # noqa: E402
 
 from ist_accel import ISTConfig, decompose  # noqa: E402
-from ist_accel.decompose.base import fold_scalings  # noqa: E402
+from ist_accel.decompositions.scaling import fold_scalings  # noqa: E402
 
 
 def _randomize(model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ import torch
 
 from ist_accel import ISTConfig
 from ist_accel.outer import OuterSGD
-from ist_accel.training import add_training_args, check_args
+from ist_accel.recipe import add_training_args, check_args
 
 
 @pytest.mark.parametrize("lr,momentum,nesterov", [(0.7, 0.9, True), (0.5, 0.5, False), (0.8, 0.0, False)])

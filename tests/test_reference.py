@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ist_accel.decompose import MLPDecomposition, Piece, ResidualDecomposition, average_into_global, kept_tensors
+from ist_accel.decompositions import MLPDecomposition, Piece, ResidualDecomposition, average_into_global, kept_tensors
 from ist_accel.models import MLP, build_model
 from ist_accel.reference import ReferenceIST, load_optimizer_state
 

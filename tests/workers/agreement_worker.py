@@ -60,12 +60,12 @@ def main() -> None:
     ist = engine(mlp(), local_steps=10)
     train(ist, 5 + rank)
     seen["steps_apart_read"] = refused(lambda: ist.evaluate(eval_items("mlp"), score=score))
-    ist.close()
+    ist.remove_hooks()
 
     # one rank ends its loop at step 7 (finish: a partial sync), the other syncs at step 10
     ist = engine(mlp(), local_steps=10)
     seen["seven_vs_ten"] = refused(lambda: (train(ist, 7), ist.finish()) if rank == 0 else train(ist, 10))
-    ist.close()
+    ist.remove_hooks()
 
     # another hidden width on one rank: refused at set-up, before anything moves
     seen["other_width"] = refused(lambda: engine(mlp(hidden=16 if rank == 0 else 32), local_steps=4))
@@ -83,7 +83,7 @@ def main() -> None:
     model = ist.gather_global(dst=0)
     if rank == 0:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(args.out, "partial.pt"))
-    ist.close()
+    ist.remove_hooks()
 
     # a frozen first Linear: never trained, and the rest as the reference
     ist = engine(mlp(frozen=True), local_steps=2)
@@ -92,7 +92,7 @@ def main() -> None:
     model = ist.gather_global(dst=0)
     if rank == 0:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(args.out, "frozen.pt"))
-    ist.close()
+    ist.remove_hooks()
 
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(seen, f)

@@ -86,7 +86,7 @@ def main() -> None:
                    "wire": {"sent": wire.sent, "received": wire.received, "calls": wire.calls}, "history": history, "accuracy": accuracy, "resident_after_eval": resident_after_eval, "resident_after_setup": resident_after_setup, "resident_peak": peak,
                    "subnet_elements": sum(t.numel() for t in ist.subnet.state_dict().values()),
                    "global_elements": sum(sh.numel() for sh, _ in ist.global_shapes.values())}, f)
-    ist.close()
+    ist.remove_hooks()
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

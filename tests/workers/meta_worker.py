@@ -63,7 +63,7 @@ def run(case: str, name: str, out: Path, initial: str | None) -> None:
     if dist.get_rank() == 0:
         torch.save(state, out / f"{case}_global.pt")
     (out / f"{case}_rank{dist.get_rank()}.json").write_text(json.dumps(seen))
-    ist.close()
+    ist.remove_hooks()
 
 
 def main() -> None:
