@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from ist_accel.data import load_image_data, load_mnist
 from ist_accel.models import MLP, build_model
 from ist_accel.sharded import load_folder
-from ist_accel.training import held_out_split
+from ist_accel.recipe import held_out_split
 
 
 def _flag(command: list[str], name: str, default: str | None) -> str | None:

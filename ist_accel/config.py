@@ -1,6 +1,8 @@
-"""`ISTConfig`: every knob of independent subnet training, validated up front.
+"""`ISTConfig`: every knob of independent subnet training, validated where it is built.
 
-Validation here is model-free (types and ranges); checks that need the model
+An ``ISTConfig`` checks itself when constructed and cannot be changed afterwards (a frozen
+dataclass; ``dataclasses.replace`` makes a checked copy), so code that receives one never
+validates it again. Validation here is model-free (types and ranges); checks that need the model
 (enough blocks for the subnets, splittable widths) live in the decompositions and
 run before any process group or file is touched.
 """
@@ -24,7 +26,7 @@ NONFINITE_POLICIES = ("raise", "skip")
 GLOBAL_VIEWS = ("auto", "gather", "stream")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ISTConfig:
     """Configuration of an IST / ResIST run.
 

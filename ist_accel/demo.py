@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from .config import ISTConfig
 from .data import make_synthetic_splits
-from .decompose import decompose
+from .decompositions import decompose
 from .models import build_model
 from .reference import ReferenceIST
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from .topology import Topology
 from .transfer import FieldSpec, Layout, local_index, located_boxes, owner_rows, read_box, write_box
-from .transfer import _compact as _index
+from .transfer import compact_index as _index
 from .transport import Transport
 
 

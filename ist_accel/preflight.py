@@ -1,9 +1,10 @@
 """Everything that can be checked before a process group or a file is touched.
 
-:func:`check_setup` validates the config, the world size and the model against each
-other (the decomposition's own checks: enough blocks, divisible widths, a partitionable
-structure) and returns the decomposition. The round engine runs it before creating any
-process group; recipes run it before creating the Accelerator."""
+:func:`check_setup` checks the world size and the model against the config (which
+validated itself when built) with the decomposition's own checks (enough blocks,
+divisible widths, a partitionable structure) and returns the decomposition. The round
+engine runs it before creating any process group; recipes run it before creating the
+Accelerator."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import ISTConfig
-from .decompose import Decomposition, decompose
+from .decompositions import Decomposition, decompose
 
 
 def check_setup(
@@ -22,7 +23,6 @@ def check_setup(
         raise TypeError(f"config must be an ist_accel.ISTConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    config.validate()
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
     config.check_world_size(world_size)

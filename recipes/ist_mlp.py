@@ -18,7 +18,7 @@ from ist_accel.data import load_image_data, load_mnist
 from ist_accel.models import MLP
 from accelerate.utils import set_seed
 
-from ist_accel.training import (add_training_args, check_args, data_errors, finish, model_context, setup_logging,
+from ist_accel.recipe import (add_training_args, check_args, data_errors, finish, model_context, setup_logging,
                                 train_classifier)
 
 

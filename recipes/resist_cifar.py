@@ -17,7 +17,7 @@ from ist_accel.data import load_hf_image_dataset, load_image_data
 from ist_accel.models import build_model
 from accelerate.utils import set_seed
 
-from ist_accel.training import add_training_args, check_args, data_errors, finish, setup_logging, train_classifier
+from ist_accel.recipe import add_training_args, check_args, data_errors, finish, setup_logging, train_classifier
 
 ARCHS = ("preact_resnet18", "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152",
          "preact_resnet20", "preact_resnet32", "preact_resnet56", "preact_resnet110")

@@ -19,7 +19,7 @@ from ist_accel.data import load_hf_image_dataset, load_image_data
 from ist_accel.models import MODEL_NAMES, build_model
 from accelerate.utils import set_seed
 
-from ist_accel.training import add_training_args, check_args, data_errors, finish, setup_logging, train_classifier
+from ist_accel.recipe import add_training_args, check_args, data_errors, finish, setup_logging, train_classifier
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -233,7 +233,7 @@ def test_held_out_split_scores_training_images_as_the_test_set_is(tmp_path: Path
     random crop or flip: the same tensor every time), the rest keep the training augmentation."""
     from PIL import Image
 
-    from ist_accel.training import held_out_split
+    from ist_accel.recipe import held_out_split
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
@@ -264,7 +264,7 @@ def test_eval_samples_spread_over_a_class_sorted_folder(tmp_path: Path) -> None:
     where the first N items would be the first classes only."""
     from PIL import Image
 
-    from ist_accel.training import evenly_spaced
+    from ist_accel.recipe import evenly_spaced
 
     for cls in "abcd":
         (tmp_path / "test" / cls).mkdir(parents=True)

@@ -92,7 +92,7 @@ def test_a_stopped_peer_ends_the_run_with_ISTSyncError_within_sync_timeout(tmp_p
     try:
         found = wait_for(log, r"IST_FAULT: stop on rank 1 at step 15 \(step\), pid (\d+)", 240, proc)
         stopped, since = int(found[1]), time.monotonic()
-        wait_for(log, r"ist_accel\.training: ISTSyncError", 4 + 30, proc)
+        wait_for(log, r"ist_accel\.recipe\.\w+: ISTSyncError", 4 + 30, proc)
         elapsed = time.monotonic() - since
     finally:
         kill([stopped] if stopped else [])

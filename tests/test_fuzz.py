@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from ist_accel import ISTConfig, check_setup
 from ist_accel.models import MLP, build_model
-from ist_accel.training import preflight
+from ist_accel.recipe import preflight
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"resnet": build_model("preact_resnet20", num_classes=4), "mlp": MLP(12, [16, 16], 3, norm="batch")}
@@ -145,8 +145,8 @@ def test_recipe_cli_fails_cleanly_or_runs_its_preflight(tmp_path, monkeypatch, c
     assert not out.exists() and not dist.is_initialized()
 
 
-# The recipe's command line, stated from the spec (the flags' --help, README "Launch configs"
-# and "W&B sweeps", docs/reliability.md "Bad input"), not from training.check_args:
+# The recipe's command line, stated from the spec (the flags' --help, docs/accelerate.md "Launch configs"
+# and docs/wandb.md, docs/reliability.md "Bad input"), not from recipe.check_args:
 INTEGER_FLAGS = ("--num-subnets", "--group-size", "--local-steps", "--min-blocks", "--checkpoint-every")
 CHOICES = {"--decomposition": ("auto", "resist", "ist_mlp", "layers", "ffn", "heads"),
            "--wire-dtype": ("fp32", "bf16", "fp16"), "--mixed-precision": ("no", "fp16", "bf16"),

@@ -87,7 +87,7 @@ def main() -> None:
     if args.zero_stage:
         tensors = accelerator.ist.tensors
         zero = {"optimizer_state_elements": tensors.optimizer_state_elements(),
-                "state_keys": tensors._state_keys(), "subnet_numel": accelerator.ist.subnet_numel(),
+                "state_keys": tensors.element_state_keys(), "subnet_numel": accelerator.ist.subnet_numel(),
                 "zero_stage": accelerator.zero_engine.zero_optimization_stage(),
                 "dp_world_size": accelerator.zero_engine.dp_world_size}
     accelerator.wait_for_everyone()

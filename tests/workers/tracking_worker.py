@@ -11,7 +11,7 @@ from accelerate.tracking import GeneralTracker
 
 from ist_accel.data import load_mnist
 from ist_accel.models import MLP
-from ist_accel.training import finish, train_classifier
+from ist_accel.recipe import finish, train_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 
