@@ -1,303 +1,137 @@
-"""IST inside the Hugging Face ``Trainer`` (IST Alg. 1; ResIST Alg. 1 around its loop).
+"""IST on a Hugging Face ``Trainer`` you have: :func:`apply`, and :class:`ISTCallback`, its
+one-line form inside ``Trainer(...)`` (IST Alg. 1; ResIST Alg. 1 around the Trainer's loop).
 
-One line on the ``Trainer`` you have (:class:`ISTCallback`)::
+Explicit, on a built Trainer, before ``train()``::
 
-    trainer = Trainer(model=model, args=TrainingArguments(..., use_cpu=True), train_dataset=train,
-                      eval_dataset=test, callbacks=[ISTCallback(ISTConfig(num_subnets=2, local_steps=10))])
+    trainer = Trainer(model=model, args=TrainingArguments(..., use_cpu=True), train_dataset=train, eval_dataset=test)
+    ist_accel.apply(trainer, ISTConfig(num_subnets=2, local_steps=10))
     trainer.train(); trainer.evaluate()
 
-The callback makes that Trainer, in place, the IST form of its class: :class:`ISTTrainerMixin`
-in front of it (``ISTTrainer`` = the mixin + ``Trainer`` is the explicit form, the same code).
-The mixin builds the Trainer's accelerator as an :class:`~ist_accel.ISTAccelerator` (so
-``accelerator.prepare`` hands the Trainer this rank's subnet and a subnet optimizer, and the
-round runs inside ``optimizer.step()``), makes ``trainer.model`` the prepared
-:class:`~ist_accel.ISTModel` (so ``evaluate()``/``predict()`` score the averaged global
-model), saves the global model in shards, adds each rank's IST state to checkpoints
-(``resume_from_checkpoint`` continues exactly; ``load_best_model_at_end`` takes up the best
-one's), and adds the last round's metrics to every log (``report_to="wandb"`` records them).
+or the same in the Trainer's construction::
+
+    trainer = Trainer(..., callbacks=[ISTCallback(ISTConfig(num_subnets=2, local_steps=10))])
+
+Either makes that Trainer, in place, the IST form of its class (:func:`ist_class`:
+``ISTTrainerMixin`` in front of it, as ``fully_shard`` does for a module; what it changes is
+in ``ist_accel/trainer_mixin.py``) and rebuilds its accelerator as an ``ISTAccelerator``
+before the optimizer and scheduler exist. ``ISTTrainer(..., ist_config=...)`` is the same
+class built directly (its accelerator is built once).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import logging
-import math
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
-from .accelerate import RANK_STATE, ISTAccelerator, ISTModel, retarget_scheduler
 from .config import ISTConfig
-from .tracking import round_log
-from .lifecycle import exit_with_parent
+from .trainer_mixin import ISTSeq2SeqTrainer, ISTTrainer, ISTTrainerMixin, ist_class, prepare_arguments, round_metrics
 
 logger = logging.getLogger(__name__)
 
+_EXPLICIT = "call ist_accel.apply(trainer, ist_config) on the built Trainer before train()"
+
+
+def apply(trainer: Trainer, config: ISTConfig, *, example_input: torch.Tensor | None = None) -> Trainer:
+    """Make ``trainer`` (built, not trained yet) train with IST, in place, and return it.
+
+    Its class becomes :func:`ist_class` of its class (``Trainer`` -> ``ISTTrainer``, a
+    subclass ``X`` -> ``ISTX``) and its accelerator is rebuilt as an ``ISTAccelerator``
+    through the Trainer's public ``create_accelerator_and_postprocess``, so the optimizer and
+    scheduler ``train()`` builds are this rank's subnet's. Under DeepSpeed, Accelerate keeps
+    one state per process, made by the Trainer's first accelerator: it is reset so the
+    ``ISTAccelerator`` makes its own.
+
+    Args:
+        trainer: a ``Trainer``, ``Seq2SeqTrainer`` or subclass, after ``Trainer(...)`` and
+            before ``train()``.
+        config: the IST settings; the world (processes) must be S x G.
+        example_input: an input for tracing the model, when its structure is not found
+            from its config (plain PyTorch models).
+
+    Applying the same config to a Trainer that has it already does nothing.
+    """
+    if not isinstance(trainer, Trainer):
+        raise TypeError(f"ist_accel.apply takes a transformers.Trainer, got {type(trainer).__name__}")
+    callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback)]
+    if any(c.ist_config is not config for c in callbacks):
+        raise ValueError("the Trainer has an ISTCallback with another ISTConfig: give one of them")
+    if isinstance(trainer, ISTTrainerMixin):
+        if trainer.ist_config is not config:
+            raise ValueError("this Trainer trains IST with another ISTConfig already (ISTTrainer(ist_config=...), "
+                             "ISTCallback or ist_accel.apply): give one of them")
+    else:
+        if trainer.is_in_train or trainer.state.global_step:
+            raise RuntimeError("ist_accel.apply after training started: its optimizer is the whole model's; "
+                               "apply IST to the Trainer before train()")
+        prepare_arguments(config, trainer.args)
+        trainer.__class__ = ist_class(type(trainer))
+        trainer.ist_config, trainer.ist_example_input = config, example_input
+        if trainer.is_deepspeed_enabled:
+            from accelerate.state import AcceleratorState
+
+            # Accelerate's process-wide state, made by the Trainer's plain accelerator, refuses changes
+            AcceleratorState._reset_state()  # (on CPU it even left DeepSpeed out); no public reset
+        trainer.create_accelerator_and_postprocess()  # now an ISTAccelerator
+        logger.info("IST applied to %s: %s", type(trainer).__name__, config)
+    for callback in callbacks:
+        callback.trainer = trainer  # the Trainer it applied IST to (its on_train_begin checks)
+    return trainer
+
 
 class ISTCallback(TrainerCallback):
-    """IST for a ``Trainer`` you already have, in one line::
+    """IST in the Trainer's construction, in one line::
 
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test,
                           callbacks=[ISTCallback(ISTConfig(num_subnets=2, local_steps=10))])
 
-    Transformers hands callbacks no reference to their Trainer, so at ``on_init_end`` the
-    callback takes the ``Trainer`` that is calling it from the stack (the one being built)
-    and makes it, in place, the IST form of its own class (``ISTTrainerMixin`` in front of
-    ``Trainer``, ``Seq2SeqTrainer`` or your subclass): the same code as :class:`ISTTrainer`,
-    not a second implementation. Its accelerator is rebuilt as an ``ISTAccelerator`` before
-    the Trainer builds its optimizer and scheduler, so they are this rank's subnet's. The
-    callback then checks, at train begin, that checkpoints fall on round ends.
-
-    Added later with ``trainer.add_callback`` (after the optimizer could be built over the
-    whole model) it refuses to train rather than let DDP train silently.
+    At ``on_init_end``, which ``Trainer.__init__`` fires once it is built, the callback calls
+    ``apply(trainer, ist_config)`` on that Trainer: the ``self`` of the ``Trainer.__init__``
+    frame that fired the event (``Trainer``, ``Seq2SeqTrainer`` or a subclass). Transformers
+    hands callbacks no reference to their Trainer; the callback takes it from that one frame
+    and refuses anything else. Added later with ``trainer.add_callback`` (after the Trainer
+    built a plain accelerator) it refuses to train rather than let DDP train silently:
+    call :func:`ist_accel.apply` instead.
     """
 
     def __init__(self, ist_config: ISTConfig, example_input: torch.Tensor | None = None) -> None:
         if not isinstance(ist_config, ISTConfig):
             raise TypeError(f"ist_config must be an ist_accel.ISTConfig, got {type(ist_config).__name__}")
-        ist_config.validate()
         self.ist_config = ist_config
         self.example_input = example_input
-        self.trainer: Trainer | None = None
+        self.trainer: Trainer | None = None  # set by apply()
 
-    def on_init_end(self, args, state, control, **kwargs):
-        trainer = _calling_trainer()
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self._trainer_being_built()
         if trainer is None:
-            raise RuntimeError("ISTCallback.on_init_end was not called by a Trainer being built: pass the callback "
-                               "as Trainer(..., callbacks=[ISTCallback(ist_config)])")
-        if isinstance(trainer, ISTTrainerMixin):
-            if trainer.ist_config is not self.ist_config:
-                raise ValueError("ISTTrainer got ist_config and an ISTCallback with another ISTConfig; give one of them")
-        else:
-            make_ist(trainer, self.ist_config, self.example_input)
-        self.trainer = trainer
+            raise RuntimeError("ISTCallback.on_init_end was not fired by Trainer.__init__: pass the callback as "
+                               f"Trainer(..., callbacks=[ISTCallback(ist_config)]), or {_EXPLICIT}")
+        apply(trainer, self.ist_config, example_input=self.example_input)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.trainer is None:
             raise RuntimeError("ISTCallback was added after the Trainer was built (trainer.add_callback): its "
                                "optimizer and accelerator are not IST's and it would train plain data-parallel. "
-                               "Pass it as Trainer(..., callbacks=[ISTCallback(ist_config)]) or use ISTTrainer")
-        k = self.ist_config.local_steps
-        if args.save_strategy == "steps" and args.save_steps and int(args.save_steps) % k:
-            raise ValueError(f"save_steps={args.save_steps} must be a multiple of ist_config.local_steps={k}: "
-                             "IST checkpoints are taken at round ends")
-        if state.global_step % k:
-            raise ValueError(f"resuming at step {state.global_step}, not a round end (local_steps={k})")
+                               f"Pass it as Trainer(..., callbacks=[ISTCallback(ist_config)]), or {_EXPLICIT}")
 
-
-def _calling_trainer() -> Trainer | None:
-    """The ``Trainer`` whose method is on the call stack (innermost first)."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
-
-
-@functools.cache
-def ist_class(cls: type) -> type:
-    """``cls`` (a ``Trainer`` subclass) with IST: ``ISTTrainerMixin`` in front of it."""
-    if issubclass(cls, ISTTrainerMixin):
-        return cls
-    return type(f"IST{cls.__name__}", (ISTTrainerMixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
-
-
-def make_ist(trainer: Trainer, ist_config: ISTConfig, example_input: torch.Tensor | None = None) -> Trainer:
-    """Turn a built ``Trainer`` (before ``train()``) into the IST form of its class, in place."""
-    trainer.__class__ = ist_class(type(trainer))
-    trainer._setup_ist(ist_config, example_input, trainer.args)
-    if trainer.is_deepspeed_enabled:  # Accelerate keeps one DeepSpeed plugin per process: let the new one in
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()
-    trainer.create_accelerator_and_postprocess()  # now an ISTAccelerator (as Trainer.hyperparameter_search does)
-    return trainer
-
-
-def round_metrics(ist: Any) -> dict[str, float]:
-    """The last round's measurements and the run's totals, for the Trainer's logs."""
-    return round_log(ist.totals.history[-1], ist.totals, ist.subnet_numel())
-
-
-class ISTTrainerMixin:
-    """What makes a ``Trainer`` (or a subclass such as ``Seq2SeqTrainer``) train its model
-    as independent subnets (see the module docstring).
-
-    Args:
-        ist_config: the IST settings; the world (processes) must be S x G.
-        example_input: an input for tracing the model, when its structure is not found
-            from its config (plain PyTorch models).
-        *args, **kwargs: as for ``Trainer``.
-    """
-
-    def __init__(self, *args: Any, ist_config: ISTConfig, example_input: torch.Tensor | None = None,
-                 **kwargs: Any) -> None:
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        self._setup_ist(ist_config, example_input, training_args)
-        if training_args is not None:
-            # TrainingArguments set up the process group already (with ddp_timeout; under use_cpu with
-            # torch's 30-minute gloo default); ISTAccelerator puts sync_timeout on every group
-            training_args.ddp_timeout = max(1, math.ceil(ist_config.sync_timeout))
-        super().__init__(*args, **kwargs)
-        if not any(isinstance(c, ISTCallback) for c in self.callback_handler.callbacks):
-            callback = ISTCallback(ist_config)
-            callback.trainer = self
-            self.add_callback(callback)
-
-    def _setup_ist(self, ist_config: ISTConfig, example_input: torch.Tensor | None, training_args: Any) -> None:
-        """What both routes (``ISTTrainer(...)`` and ``ISTCallback``) check and set first."""
-        if not isinstance(ist_config, ISTConfig):
-            raise TypeError(f"ist_config must be an ist_accel.ISTConfig, got {type(ist_config).__name__}")
-        ist_config.validate()
-        ist_config.check_world_size(int(os.environ.get("WORLD_SIZE", "1")))
-        if training_args is not None and (getattr(training_args, "fsdp", None) or []):
-            raise ValueError(f"IST with fsdp={training_args.fsdp!r}: FSDP shards every layer across all ranks and "
-                             "communicates every step; IST keeps a subnet per group (DeepSpeed ZeRO may shard "
-                             "inside a group: TrainingArguments(deepspeed=...))")
-        exit_with_parent()  # a launched worker ends with its launcher
-        self.ist_config = ist_config
-        self._example_input = example_input
-        if training_args is not None and getattr(training_args, "average_tokens_across_devices", False):
-            # an all-reduce per step across every rank: IST's groups train apart between rounds
-            training_args.average_tokens_across_devices = False
-            logger.info("IST: average_tokens_across_devices set to False (no communication between rounds)")
-
-    def create_accelerator_and_postprocess(self) -> None:
-        """The Trainer's own accelerator set-up, with ISTAccelerator in place of Accelerator."""
-        module = transformers.trainer
-        original = module.Accelerator
-        module.Accelerator = functools.partial(ISTAccelerator, self.ist_config, example_input=self._example_input)
+    def _trainer_being_built(self) -> Trainer | None:
+        """The ``self`` of the ``Trainer.__init__`` frame that fired this ``on_init_end``
+        (through transformers' ``CallbackHandler``), or None when another frame called it."""
+        passing = {CallbackHandler.on_init_end.__code__, CallbackHandler.call_event.__code__}
+        init = inspect.unwrap(Trainer.__init__).__code__
+        frame = inspect.currentframe()
         try:
-            super().create_accelerator_and_postprocess()  # type: ignore[misc]
+            frame = frame.f_back if frame is not None else None
+            while frame is not None and (frame.f_locals.get("self") is self or frame.f_code in passing):
+                frame = frame.f_back  # this callback's own methods, then the handler dispatching the event
+            candidate = frame.f_locals.get("self") if frame is not None and frame.f_code is init else None
+            return candidate if isinstance(candidate, Trainer) else None
         finally:
-            module.Accelerator = original
-
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        # Called right after accelerator.prepare(model, optimizer): from here on the Trainer's
-        # model is the prepared IST model (the subnet in training, the global model in eval).
-        ist = self.accelerator.ist
-        if self.accelerator.ist_model is not None and self.model is not self.accelerator.ist_model:
-            self.model = self.accelerator.ist_model
-        if ist is not None and self.lr_scheduler is not None and self.lr_scheduler.optimizer is not ist.optimizer:
-            # under DeepSpeed the scheduler was built on the global optimizer before prepare()
-            retarget_scheduler(self.lr_scheduler, ist.optimizer)
-        return super().create_scheduler(num_training_steps, optimizer)
-
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.train``. Under DeepSpeed the Trainer resumes by loading the engine's own
-        checkpoint; a group's engine holds one subnet, so IST's per-rank state (restored in
-        ``_load_optimizer_and_scheduler``) takes its place."""
-        module = transformers.trainer
-        original = module.deepspeed_load_checkpoint
-
-        def load(engine: Any, checkpoint: str, **kw: Any) -> Any:
-            return None if isinstance(engine, ISTModel) else original(engine, checkpoint, **kw)
-
-        module.deepspeed_load_checkpoint = load
-        try:
-            output = super().train(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            module.deepspeed_load_checkpoint = original
-        if self.accelerator.ist is not None:
-            self.accelerator.ist.finish()  # training ended mid-round: those steps reach the global model
-        return output
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """The Trainer's log, with the last round's IST metrics (so every reporter gets them)."""
-        ist = self.accelerator.ist
-        if ist is not None and ist.totals.history:
-            logs = {**logs, **round_metrics(ist)}
-        super().log(logs, *args, **kwargs)
-
-    @property
-    def ist(self):
-        """The round engine (after training started), or None."""
-        return self.accelerator.ist
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The global model as ``save_pretrained`` would write it, but in shards written by
-        the subnet groups' leaders (every rank calls it; no rank holds the whole model), with
-        the evaluation view folded into its weights: ``from_pretrained`` of the
-        folder scores what ``evaluate()`` scores (``push_to_hub`` too). Inside a Trainer
-        checkpoint the raw training values are written, as ``save_state`` does, so resuming
-        from it stays exact."""
-        if not isinstance(self.model, ISTModel):
-            return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
-        # a collective: each group's leader writes its shard (Hugging Face layout, an index beside)
-        self.model.save_pretrained(output_dir, export=not getattr(self, "_in_checkpoint", False),
-                                   is_main_process=self.args.should_save)
-        if not self.args.should_save:
-            return
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        self._in_checkpoint = True  # the checkpoint's model keeps the raw training values
-        try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
-        finally:
-            self._in_checkpoint = False
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.accelerator.ist is not None:  # each rank's subnet, optimizer state, owner shards, round
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(output_dir) / RANK_STATE.format(rank=self.accelerator.process_index)
-            torch.save(self.accelerator.ist.state_dict(), path.with_suffix(".tmp"))
-            os.replace(path.with_suffix(".tmp"), path)
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.accelerator.ist is not None:
-            self._load_rank_state(checkpoint)
-
-    def _load_rank_state(self, checkpoint: str) -> None:
-        path = Path(checkpoint) / RANK_STATE.format(rank=self.accelerator.process_index)
-        if not path.is_file():
-            raise FileNotFoundError(f"{checkpoint} has no {path.name}: not an ISTTrainer checkpoint of this world size")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.accelerator.check_rank_state(state, path)  # another model's shapes: named, before loading
-        self.accelerator.ist.load_state_dict(state)
-        if isinstance(self.model, ISTModel):
-            self.model.release_global()  # a global view gathered before the load is not this model
-        logger.info("ISTTrainer: resumed round %d (step %d)", self.accelerator.ist.round, self.accelerator.ist.steps)
-
-    def _load_best_model(self) -> None:
-        """``load_best_model_at_end``: every rank takes up its IST state (subnet, owner
-        shards, round) from the best checkpoint, so the global model is the one that scored
-        best (and ``save_model`` after it writes that one)."""
-        if not isinstance(self.model, ISTModel) or self.accelerator.ist is None:
-            return super()._load_best_model()  # type: ignore[misc]
-        logger.info("IST: loading the best model from %s (score %s)", self.state.best_model_checkpoint,
-                    self.state.best_metric)
-        self._load_rank_state(self.state.best_model_checkpoint)
-
-    @contextlib.contextmanager
-    def global_model(self):
-        """The gathered global model in its evaluation view (a collective: every rank)."""
-        with self.accelerator.eval_global() as model:
-            yield model
+            del frame
 
 
-class ISTTrainer(ISTTrainerMixin, Trainer):
-    """``Trainer`` with IST (see :class:`ISTTrainerMixin`)."""
-
-
-class ISTSeq2SeqTrainer(ISTTrainerMixin, Seq2SeqTrainer):
-    """``Seq2SeqTrainer`` with IST (see :class:`ISTTrainerMixin`)."""
-
-
-__all__ = ["ISTCallback", "ISTSeq2SeqTrainer", "ISTTrainer", "ISTTrainerMixin", "round_metrics"]
+__all__ = ["ISTCallback", "ISTSeq2SeqTrainer", "ISTTrainer", "ISTTrainerMixin", "apply", "ist_class", "round_metrics"]

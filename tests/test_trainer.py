@@ -61,12 +61,15 @@ def reference(S, G, policy, decomposition, linear=False):
     return model, ref.decomposition
 
 
-# route: ISTTrainer(ist_config=...) or the user's own Trainer subclass + callbacks=[ISTCallback(...)]
+# route: ISTTrainer(ist_config=...), the user's own Trainer subclass + callbacks=[ISTCallback(...)], or that
+# subclass built plain and handed to ist_accel.apply(trainer, config)
 # (the same code; each layout, policy and ZeRO stage is covered by one route, both routes by both)
 TRAINER_CASES = [(2, 1, "reset", "layers", "linear", 0, "callback"), (2, 1, "carry", "heads", "constant", 0, "trainer"),
                  (2, 2, "reset", "layers", "constant", 0, "callback"), (2, 1, "reset-diloco", "layers", "linear", 0, "callback"),
                  # TrainingArguments(deepspeed=...): ZeRO inside each group of 2, IST across the 2 groups
-                 (2, 2, "reset", "layers", "linear", 2, "callback"), (2, 2, "carry", "heads", "constant", 3, "trainer")]
+                 (2, 2, "reset", "layers", "linear", 2, "callback"), (2, 2, "carry", "heads", "constant", 3, "trainer"),
+                 # ist_accel.apply(trainer, config) on the built plain Trainer subclass: the same code, explicit
+                 (2, 1, "reset", "layers", "linear", 0, "apply")]
 
 
 @pytest.mark.parametrize("S,G,policy,decomposition,scheduler,zero,route", TRAINER_CASES,
@@ -156,3 +159,49 @@ def test_callback_added_after_the_trainer_was_built_refuses_to_train(tmp_path):
     with pytest.raises(RuntimeError, match=r"added after the Trainer was built.*callbacks=\[ISTCallback"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_callback_added_after_the_trainer_was_built_names_the_explicit_call(tmp_path):
+    """The refusal of a late ISTCallback points at ist_accel.apply(trainer, config)."""
+    from transformers import Trainer, TrainingArguments
+
+    from ist_accel import ISTCallback
+
+    trainer = Trainer(model=make_model("gpt2"), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                       max_steps=2, report_to="none"),
+                      train_dataset=token_set(8, 1))
+    trainer.add_callback(ISTCallback(ISTConfig(num_subnets=2, local_steps=2, decomposition="layers")))
+    with pytest.raises(RuntimeError, match=r"ist_accel\.apply\(trainer, ist_config\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and type(trainer) is Trainer
+
+
+def test_callback_refuses_a_frame_other_than_trainer_init(tmp_path):
+    """ISTCallback takes its Trainer only from the Trainer.__init__ frame that fires on_init_end:
+    fired from anywhere else (here a method of the built Trainer's subclass) it refuses and
+    names the explicit call, and the Trainer stays as it was."""
+    from transformers import Trainer, TrainingArguments
+
+    from ist_accel import ISTCallback
+
+    class Refires(Trainer):
+        def refire(self):
+            return self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    callback = ISTCallback(ISTConfig(num_subnets=2, local_steps=2, decomposition="layers"))
+    trainer = Refires(model=make_model("gpt2"), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                       max_steps=2, report_to="none"),
+                      train_dataset=token_set(8, 1))
+    trainer.add_callback(callback)
+    with pytest.raises(RuntimeError, match=r"not fired by Trainer\.__init__.*ist_accel\.apply\(trainer, ist_config\)"):
+        trainer.refire()
+    with pytest.raises(RuntimeError, match=r"not fired by Trainer\.__init__"):
+        callback.on_init_end(trainer.args, trainer.state, trainer.control)
+    assert type(trainer) is Refires and callback.trainer is None
+
+
+def test_apply_refuses_what_is_not_a_trainer():
+    import ist_accel
+
+    with pytest.raises(TypeError, match="takes a transformers.Trainer"):
+        ist_accel.apply(object(), ISTConfig(num_subnets=2, local_steps=2))

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import make_model  # noqa: E402
 
 from ist_accel import ISTConfig  # noqa: E402
-from ist_accel import ISTCallback, ISTTrainer  # noqa: E402
+from ist_accel import ISTCallback, ISTTrainer, apply  # noqa: E402
 
 BATCH, VOCAB, LENGTH = 4, 31, 10
 
@@ -53,8 +53,9 @@ def main() -> None:
     ap.add_argument("--report-to", default="none")
     ap.add_argument("--lr-scheduler", default="constant")
     ap.add_argument("--zero-stage", type=int, default=0, help="DeepSpeed ZeRO stage inside each group (0: none)")
-    ap.add_argument("--route", choices=["trainer", "callback"], default="trainer",
-                    help="ISTTrainer(ist_config=...) or a plain Trainer subclass with callbacks=[ISTCallback(...)]")
+    ap.add_argument("--route", choices=["trainer", "callback", "apply"], default="trainer",
+                    help="ISTTrainer(ist_config=...), a plain Trainer subclass with callbacks=[ISTCallback(...)], "
+                         "or the built plain Trainer subclass handed to ist_accel.apply(trainer, config)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -78,6 +79,8 @@ def main() -> None:
             "eval_dataset": token_set(4 * BATCH * world, 2)}
     if args.route == "callback":
         trainer = InOrder(model=make_model("gpt2"), args=training_args, callbacks=[ISTCallback(config)], **data)
+    elif args.route == "apply":
+        trainer = apply(InOrder(model=make_model("gpt2"), args=training_args, **data), config)
     else:
         trainer = ISTInOrder(model=make_model("gpt2"), args=training_args, ist_config=config, **data)
     trainer.train(resume_from_checkpoint=args.resume)
