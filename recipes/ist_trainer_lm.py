@@ -11,7 +11,7 @@ blocks of ``--block-size`` tokens. Model: a tiny config (``--model-config gpt2-t
 Reports perplexity of the global model on the eval text before and after training.
 
     torchrun --nproc_per_node 2 recipes/ist_trainer_lm.py --model-config gpt2-tiny --decomposition layers \\
-        --train-file README.md --eval-file docs/reliability.md --max-steps 100 --output-dir out_lm
+        --train-file docs/benchmarks.md --eval-file docs/reliability.md --max-steps 100 --output-dir out_lm
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.distributed as dist
 import transformers
 
 from ist_accel import ISTConfig
-from ist_accel.training import check_output_dir, finish, setup_logging
+from ist_accel.recipe import check_output_dir, finish, setup_logging
 
 TINY = {
     "gpt2-tiny": lambda vocab, block: transformers.GPT2Config(
