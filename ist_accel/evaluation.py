@@ -32,16 +32,18 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def sharded_scores(model: contextlib.AbstractContextManager[nn.Module], dataset: Sequence[Any], rank: int,
-                   world: int, device: torch.device, batch_size: int = 256, score: Score | None = None
-                   ) -> torch.Tensor:
+                   world: int, device: torch.device, batch_size: int = 256, score: Score | None = None,
+                   batches: int | None = None) -> torch.Tensor:
     """This rank's (sum of the metric, number of items) over its shard of ``dataset``, as a
     float64 tensor to all-reduce; ``model`` is entered once around all batches (every rank
-    enters it and runs as many forwards as the largest shard needs)."""
+    enters it and runs as many forwards as the largest shard needs, or ``batches`` when the
+    ranks hold sets of their own, node-local data: the most any rank needs)."""
     score = score or accuracy_counts
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size)
-    batches = -(-(-(-len(dataset) // world)) // batch_size)  # of the largest shard
+    if batches is None:
+        batches = -(-(-(-len(dataset) // world)) // batch_size)  # of the largest shard
     with model as view, torch.no_grad():
         last = None
         for batch in loader:

@@ -25,7 +25,8 @@ from ist_accel.recipe import (add_training_args, check_args, data_errors, finish
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = parser.add_argument_group("data and model")
-    d.add_argument("--data", required=True, help="folder of idx files (MNIST layout), or an ImageFolder root/tarball")
+    d.add_argument("--data", required=True, help="folder of idx files (MNIST layout), or an ImageFolder root/tarball; "
+                   "{rank}/{node} in it: each rank reads its own (node-local data)")
     d.add_argument("--data-cache", default=None, help="where a tarball is extracted (default: a temp folder)")
     d.add_argument("--hidden", type=int, nargs="+", default=[1024, 1024], help="hidden layer widths")
     d.add_argument("--norm", choices=("batch", "layer", "none"), default="batch")
@@ -46,7 +47,8 @@ def main() -> None:
             train_set, eval_set = load_mnist(args.data)
             num_classes = 10
         else:
-            train_set, eval_set, num_classes, _ = load_image_data(args.data, augment="cifar", cache=args.data_cache)
+            train_set, eval_set, num_classes, _ = load_image_data(args.data, augment="cifar", cache=args.data_cache,
+                                                                     classes=args.classes)
     in_features = train_set[0][0].numel()
     with model_context(args):  # --init meta: no rank builds the whole model (IST materializes its pieces)
         model = MLP(in_features, args.hidden, num_classes, norm=None if args.norm == "none" else args.norm,

@@ -26,7 +26,8 @@ ARCHS = ("preact_resnet18", "preact_resnet34", "preact_resnet50", "preact_resnet
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = parser.add_argument_group("data and model")
-    d.add_argument("--data", default=None, help="CIFAR ImageFolder root or tarball (default: embedded synthetic set)")
+    d.add_argument("--data", default=None, help="CIFAR ImageFolder root or tarball (default: embedded synthetic set); "
+                   "{rank}/{node} in it: each rank reads its own (node-local data)")
     d.add_argument("--dataset-name", default=None, help="a `datasets` image set: hub name or save_to_disk folder")
     d.add_argument("--data-cache", default=None, help="where a tarball is extracted (default: a temp folder)")
     d.add_argument("--arch", choices=ARCHS, default="preact_resnet101")
@@ -45,7 +46,8 @@ def main() -> None:
         if args.dataset_name:
             train_set, eval_set, num_classes, _ = load_hf_image_dataset(args.dataset_name, 32, "cifar")
         else:
-            train_set, eval_set, num_classes, _ = load_image_data(args.data, 32, "cifar", args.data_cache, args.seed)
+            train_set, eval_set, num_classes, _ = load_image_data(args.data, 32, "cifar", args.data_cache, args.seed,
+                                                                     classes=args.classes)
     model = build_model(args.arch, num_classes=num_classes)
     train_classifier(args, model, train_set, eval_set)
     finish()

@@ -25,7 +25,8 @@ from ist_accel.recipe import add_training_args, check_args, data_errors, finish,
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = parser.add_argument_group("data and model")
-    d.add_argument("--data", default=None, help="ImageFolder root or .tar.gz of one (default: embedded synthetic set)")
+    d.add_argument("--data", default=None, help="ImageFolder root or .tar.gz of one (default: embedded synthetic set); "
+                   "{rank}/{node} in it: each rank reads its own (node-local data)")
     d.add_argument("--dataset-name", default=None, help="a `datasets` image set: hub name or save_to_disk folder")
     d.add_argument("--data-cache", default=None, help="where a tarball is extracted (default: a temp folder)")
     d.add_argument("--image-size", type=int, default=None, help="default 224, or 32 for small images")
@@ -50,7 +51,7 @@ def main() -> None:
                                                                            args.augment)
         else:
             train_set, eval_set, num_classes, size = load_image_data(args.data, args.image_size, args.augment,
-                                                                     args.data_cache, seed=args.seed)
+                                                                     args.data_cache, seed=args.seed, classes=args.classes)
     stem = None
     if args.arch.removeprefix("preact_resnet") in ("18", "34", "50", "101", "152"):
         stem = args.stem if args.stem != "auto" else ("imagenet" if size > 64 else "cifar")

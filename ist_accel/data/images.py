@@ -91,13 +91,23 @@ def _first_image_size(folder: Any) -> int:
         raise ImageDecodeError(f"cannot decode image {path}: {type(error).__name__}: {error}") from None
 
 
-def _image_folder(root: Path) -> Any:
+def _image_folder(root: Path, classes: list[str] | None = None) -> Any:
     """An ImageFolder that names its undecodable files and warns about the files it skips
     (not images by their extension). A warning, not an error: stray files in class folders
     (README, .DS_Store, Thumbs.db) are common and harmless, but a misplaced file should be
-    seen, not silently dropped."""
+    seen, not silently dropped. ``classes``: the whole label set in label order (node-local
+    data, where a node may lack some classes); a class folder outside it is an error."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    class Folder(ImageFolder):
+        def find_classes(self, directory: Any) -> tuple[list[str], dict[str, int]]:
+            if classes is None:
+                return super().find_classes(directory)
+            stray = sorted(p.name for p in Path(directory).iterdir() if p.is_dir() and p.name not in classes)
+            if stray:
+                raise ValueError(f"{directory}: class folder(s) {stray} are not in --classes {classes}")
+            return list(classes), {name: i for i, name in enumerate(classes)}
 
     skipped: list[str] = []
 
@@ -107,7 +117,7 @@ def _image_folder(root: Path) -> Any:
         skipped.append(path)
         return False
 
-    folder = ImageFolder(str(root), loader=load_image, is_valid_file=is_image)
+    folder = Folder(str(root), loader=load_image, is_valid_file=is_image, allow_empty=classes is not None)
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         logger.warning("%s: skipped %d file(s) that are not images (extensions %s): %s", root, len(skipped),
@@ -116,9 +126,10 @@ def _image_folder(root: Path) -> Any:
 
 
 def load_image_folder(
-    root: str | Path, image_size: int | None = None, augment: str = "auto"
+    root: str | Path, image_size: int | None = None, augment: str = "auto", classes: list[str] | None = None
 ) -> tuple[Any, Any, int]:
     """Load ``root/train`` and ``root/val`` (or ``test``) as ImageFolders: (train_ds, eval_ds, num_classes).
+    ``classes``: the label set to map folder names to (default: the class folders found).
 
     ``augment="auto"`` uses CIFAR transforms when the first image is at most 64 px, else ImageNet ones.
     ``image_size`` defaults to 224 (ImageNet) or 32 (CIFAR).
@@ -126,7 +137,7 @@ def load_image_folder(
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {list(AUGMENTS)}, got {augment!r}")
     train_dir, eval_dir = find_split_dirs(root)
-    train_ds, eval_ds = _image_folder(train_dir), _image_folder(eval_dir)
+    train_ds, eval_ds = _image_folder(train_dir, classes), _image_folder(eval_dir, classes)
     if train_ds.classes != eval_ds.classes:
         raise ValueError(
             f"{root}: train and eval class folders differ "
@@ -207,9 +218,11 @@ def load_image_data(
     augment: str = "auto",
     cache: str | Path | None = None,
     seed: int = 0,
+    classes: list[str] | None = None,
 ) -> tuple[Any, Any, int, int]:
     """(train, eval, num_classes, image_size) from an ImageFolder root, a tarball of one
-    (extracted once into ``cache``), or, for ``None``, the embedded synthetic set."""
+    (extracted once into ``cache``), or, for ``None``, the embedded synthetic set;
+    ``classes``: an image folder's label set (:func:`load_image_folder`)."""
     if data is None:
         from .synthetic import make_synthetic_splits
 
@@ -220,7 +233,7 @@ def load_image_data(
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
         stem = path.name.split(".")[0]
         path = extract_tarball(path, Path(cache or Path(tempfile.gettempdir()) / "ist_accel_data") / stem)
-    train, held_out, num_classes = load_image_folder(path, image_size, augment)
+    train, held_out, num_classes = load_image_folder(path, image_size, augment, classes)
     return train, held_out, num_classes, train.image_size
 
 

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from ..config import DECOMPOSITIONS, OPTIMIZER_STATE_POLICIES, WIRE_DTYPES, ISTConfig
+from ..data.partition import parse_split
+from ..node_local import check_local_path, is_local_template, local_source
 from ..preflight import check_setup
 
 METHODS = ("ist", "ddp", "localsgd", "diloco")
@@ -78,6 +80,15 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
                    help="hold out this fraction of the training set (seeded) and evaluate on it instead of the test "
                         "set (its items keep the training transforms): to pick hyper-parameters without the test set")
     t.add_argument("--log-every", type=int, default=10)
+    p = parser.add_argument_group("data placement (node-local data, skewed splits: docs/recipes.md#node-local-data)")
+    p.add_argument("--split", default="iid",
+                   help="iid (default: one set sharded over all ranks), dirichlet:ALPHA or classes:K: a seeded "
+                        "partition of the training set, one part per rank, the same for every method; a rank "
+                        "trains on its part only (the test set stays shared)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of --split's partition (not --seed's)")
+    p.add_argument("--classes", default=None,
+                   help="node-local image folders: the whole label set, comma-separated or a file (one name a "
+                        "line), when a node lacks some classes (default: each node's folders, checked alike)")
     o = parser.add_argument_group("output")
     o.add_argument("--output-dir", default="out")
     o.add_argument("--report-to", choices=("wandb", "none"), default="none")
@@ -149,10 +160,40 @@ def check_args(args: argparse.Namespace) -> None:
             ist_config(args).check_world_size(world)
         except ValueError as error:
             raise SystemExit(f"bad IST setting: {error}") from None
+    check_data_placement(args)
     if getattr(args, "data", None) is not None and not Path(args.data).exists():
         raise SystemExit(f"--data {args.data}: no such file or folder (give an ImageFolder root with train/ and "
                          "val/ or test/, a tarball of one, or, for ist_mlp.py, a folder of MNIST idx files)")
     check_output_dir(args.output_dir)
+
+
+def check_data_placement(args: argparse.Namespace) -> None:
+    """``--data`` with ``{rank}``/``{node}``/``{local_rank}``: this rank's path (kept as
+    ``args.data``; the template as ``args.data_template``), an error naming the rank, the node
+    and the placeholders when it is missing; a bad ``--split``; ``--classes`` read."""
+    try:
+        args.split = str(parse_split(getattr(args, "split", "iid")))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    data = getattr(args, "data", None)
+    args.data_template = None
+    if is_local_template(data):
+        if args.split != "iid":
+            raise SystemExit(f"--split {args.split} partitions one shared data set; node-local --data {data} is "
+                             "already split by where it lies")
+        try:
+            source = local_source(data)
+            check_local_path(source)
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(str(error)) from None
+        args.data_template, args.data = data, source.path
+    classes = getattr(args, "classes", None)
+    if isinstance(classes, str):
+        path = Path(classes)
+        names = path.read_text().split() if path.is_file() else classes.split(",")
+        args.classes = [n.strip() for n in names if n.strip()]
+        if len(set(args.classes)) != len(args.classes):
+            raise SystemExit(f"--classes names a class twice: {classes}")
 
 
 def _check_number(flag: str, value: float, accepted: str, ok) -> None:

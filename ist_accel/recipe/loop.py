@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from ..memory import live_tensor_bytes
 from ..wiretap import Wiretap
 from .checkpoints import save_checkpoint
+from .local_data import LocalEval
 from .process import stop_if_a_peer_failed
 from .report import accuracy_point, count_exchanges, memory_report, state_bytes, state_elements
 
@@ -73,19 +74,24 @@ class Run:
     optimizer: Any
     scheduler: Any
     train_loader: Any
-    eval_loader: Any
+    eval_loader: Any  # a prepared DataLoader, or LocalEval for node-local evaluation sets
     progress: Progress
     total_steps: int
-    batches_per_epoch: int
+    batches_per_epoch: int  # of this rank's loader (node-local sets: its own, not the budget's)
     periodic_sync: Any  # LocalSGD, DiLoCo, or NoPeriodicSync
     tap: Wiretap
     data_tensors: Any  # the datasets' own tensors, left out of the live-tensor count
 
 
-def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy over the whole eval set. For IST, ``model.eval()`` switches to the
-    averaged global model in its evaluation view (every rank, a collective)."""
+def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader | LocalEval) -> float:
+    """Top-1 accuracy over the whole eval set (node-local sets: over every rank's own,
+    :class:`LocalEval`). For IST, ``model.eval()`` switches to the averaged global model in
+    its evaluation view (every rank, a collective)."""
     model.eval()
+    if isinstance(loader, LocalEval):
+        accuracy = loader.accuracy(accelerator, model)
+        model.train()
+        return accuracy
     correct = total = 0
     with torch.no_grad():
         for x, y in loader:

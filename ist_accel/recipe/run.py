@@ -27,6 +27,8 @@ from ..wiretap import Wiretap
 from .arguments import ist_config, preflight
 from .checkpoints import resume
 from .datasets import evenly_spaced, held_out_split
+from ..node_local import prepare_local_loader
+from .local_data import LocalEval, agreed_batches, data_per_rank, local_data
 from .loop import NoPeriodicSync, Progress, Run, lr_lambda, train_loop
 from .process import reported_failure
 from .report import communication_report, count_exchanges, in_phase
@@ -95,6 +97,9 @@ def _run(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module, t
     output = Path(args.output_dir)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
+    local = local_data(args, accelerator, train_set, eval_set)  # None: one set, sharded over all ranks (today's)
+    if local is not None:
+        train_set, eval_set = local.train_set, local.eval_set
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
                               num_workers=args.num_workers)
     eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
@@ -103,7 +108,11 @@ def _run(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module, t
         (decay if p.dim() > 1 else no_decay).append(p)
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=args.momentum)
-    batches_per_epoch = len(train_loader) // accelerator.num_processes
+    batches_per_epoch = own_batches = len(train_loader) // accelerator.num_processes
+    if local is not None:  # this rank's own set, not sharded again; the step budget agreed over ranks
+        train_loader = prepare_local_loader(accelerator, train_loader)
+        own_batches = len(train_loader)
+        batches_per_epoch = agreed_batches(accelerator, own_batches, accelerator.process_index)
     total_steps = args.max_steps or max(1, int(args.epochs * batches_per_epoch) // args.grad_accum)
     if args.dense_warmup_epochs:  # whole rounds, so round ends stay on multiples of --local-steps
         warm = math.ceil(args.dense_warmup_epochs * batches_per_epoch / args.grad_accum / args.local_steps)
@@ -111,8 +120,13 @@ def _run(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module, t
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.schedule, total_steps, args.lr_warmup_steps, args.milestones))
     model_params = sum(p.numel() for p in model.parameters())
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+    if local is None:
+        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        eval_loader = (LocalEval(accelerator, eval_set, args.eval_batch_size) if local.eval_local
+                       else accelerator.prepare(eval_loader))
     count_exchanges(tap, accelerator, model)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
@@ -135,7 +149,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module, t
         local_sgd._sync_and_avg_model_params = in_phase(tap, "exchange", local_sgd._sync_and_avg_model_params)
     with tap.phase("train"):
         results = train_loop(args, Run(accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
-                                       total_steps, batches_per_epoch, local_sgd, tap,
+                                       total_steps, own_batches, local_sgd, tap,
                                        dataset_tensors(train_set, eval_set)))
     if results is None:
         return None
@@ -146,6 +160,14 @@ def _run(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module, t
     results["model_params"] = model_params
     results["evaluated_on"] = {"split": "held-out train" if getattr(args, "val_split", 0.0) else "test",
                                "items": len(eval_set)}
+    results["split"] = getattr(args, "split", "iid") if local is None else local.split
+    if local is not None:
+        results["data_per_rank"] = data_per_rank(accelerator, local)
+        results["epochs_per_rank"] = [r["train_items"] and progress.batches_seen * args.batch_size / r["train_items"]
+                                      for r in results["data_per_rank"]]
+        if local.eval_local:
+            results["evaluated_on"] = {"split": "node-local " + results["evaluated_on"]["split"],
+                                       "items": eval_loader.items}
     if accelerator.is_main_process:
         (output / "results.json").write_text(json.dumps(results, indent=2))
         logger.info("results: %s", json.dumps(results))
