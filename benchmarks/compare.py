@@ -14,6 +14,9 @@ run whose exact command was run before (``runs/*/command.json``) is reused, not 
     # on N shaped network nodes, each method for a wall-clock budget (benchmarks/network.py; root):
     python benchmarks/compare.py --task mnist --num-subnets 4 --epochs 100 --local-steps 20 --eval-every 40 \
         --network 4xnone 4x100mbit 4x20mbit --train-seconds 120 --target 0.95 --out docs/bench
+    # skewed data: the same seeded partition of the training set over the S workers for every method,
+    # written to OUT/<task>_S<n>_<split> (iid: OUT/<task>_S<n>, the recipes' behaviour before --split):
+    python benchmarks/compare.py --task mnist --num-subnets 4 --epochs 5 --seeds 0 1 --split dirichlet:0.1 --out docs/bench
     # an IST variant as one more row of the same table:
     python benchmarks/compare.py --task cifar10 --num-subnets 4 --epochs 5 --out docs/bench --methods ist \
         --ist-name ist_outer --ist-args=--outer-lr=0.7 --ist-args=--outer-momentum=0.9 --merge
@@ -30,6 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from ist_accel.data.partition import parse_split
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "datasets"
@@ -53,7 +58,9 @@ def recipe_command(task: str, method: str, seed: int, args: argparse.Namespace, 
     return [str(ROOT / recipe), *data_args, "--method", method,
             "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
             "--local-steps", str(args.local_steps), "--eval-every", str(args.eval_every), "--output-dir", str(out),
-            *(["--lr", str(args.lr)] if args.lr else []), *args.extra, *(args.ist_args if method == "ist" else [])]
+            *(["--lr", str(args.lr)] if args.lr else []),
+            *(["--split", str(args.split), "--split-seed", str(args.split_seed)] if args.split.kind != "iid" else []),
+            *args.extra, *(args.ist_args if method == "ist" else [])]
 
 
 def command(task: str, method: str, seed: int, args: argparse.Namespace, out: Path) -> list[str]:
@@ -194,26 +201,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--target", type=float, nargs="+", default=[0.0],
                     help="--network: the common target accuracy (default: the lowest best accuracy of all runs); "
                          "more than one: a table for each, the first in results.json's rates")
+    ap.add_argument("--split", default="iid", help="iid (one set sharded over the workers, as before), "
+                    "dirichlet:ALPHA or classes:K: each worker trains on its own part of a seeded partition of the "
+                    "training set, the same for every method and seed (recipes' --split); the test set stays shared")
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of --split's partition")
     ap.add_argument("--out", default="bench")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for the recipe")
     args = ap.parse_args(argv)
     args.extra = [a for a in args.extra if a != "--"]
+    try:
+        args.split = parse_split(args.split)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     if args.ist_name in METHODS[:2] + METHODS[3:] or not args.ist_name.replace("_", "").isalnum():
         raise SystemExit(f"--ist-name {args.ist_name!r}: use letters, digits and '_', not a baseline's name")
     if args.eval_every % args.local_steps:
         raise SystemExit(f"--eval-every {args.eval_every} must be a multiple of --local-steps {args.local_steps}")
     if args.network:
+        if args.split.kind != "iid":
+            raise SystemExit("--split with --network: not supported yet (benchmarks/network.py's folders do not name "
+                             "the split); run the skewed comparison without --network")
         import network
 
         return network.main(args, recipe_command)
     bandwidth = args.bandwidth_gbps * 1e9 / 8
-    out = Path(args.out) / f"{args.task}_S{args.num_subnets}"
+    out = Path(args.out) / (f"{args.task}_S{args.num_subnets}" + ("" if args.split.kind == "iid" else f"_{args.split.slug}"))
     runs: dict[str, list[dict]] = {}
     names = {m: args.ist_name if m == "ist" else m for m in args.methods}
     if args.merge and (out / "results.json").exists():
         earlier = json.loads((out / "results.json").read_text())
         differs = {k: (earlier[k], getattr(args, k)) for k in ("epochs", "batch_size", "local_steps")
                    if earlier[k] != getattr(args, k)}
+        if earlier.get("split", "iid") != str(args.split):
+            differs["split"] = (earlier.get("split", "iid"), str(args.split))
         if differs:
             raise SystemExit(f"--merge: {out / 'results.json'} was run with other settings "
                              f"(earlier, now): {differs}; merge only runs of the same budget")
@@ -229,13 +249,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, target = summarize(runs, bandwidth)
     text = table(rows, target, bandwidth)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"task": args.task, "num_subnets": args.num_subnets, "epochs": args.epochs, "seeds": args.seeds,
+    summary = {"task": args.task, "num_subnets": args.num_subnets, "split": str(args.split),
+               "split_seed": args.split_seed, "epochs": args.epochs, "seeds": args.seeds,
                "batch_size": args.batch_size, "local_steps": args.local_steps, "bandwidth_gbps": args.bandwidth_gbps,
                "accuracy_target": target, "rows": rows,
                "runs": {m: [{k: v for k, v in r.items() if k != "ist_config"} for r in rs] for m, rs in runs.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "table.md").write_text(text + "\n")
-    plot(runs, bandwidth, out, f"{args.task}, {args.num_subnets} workers")
+    plot(runs, bandwidth, out, f"{args.task}, {args.num_subnets} workers"
+         + ("" if args.split.kind == "iid" else f", split {args.split}"))
     print(text)
     return summary
 

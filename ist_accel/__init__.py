@@ -36,6 +36,9 @@ _EXPORTS: dict[str, str] = {
     "ISTNonFiniteError": "faults",
     "ISTPeerFailure": "faults",
     "ISTSyncError": "faults",
+    "LocalSource": "node_local",
+    "local_source": "node_local",
+    "prepare_local_loader": "node_local",
     "check_setup": "preflight",
     "ReferenceIST": "reference",
     "IST": "round",
@@ -71,6 +74,7 @@ __all__ = [
     "ISTSeq2SeqTrainer",
     "ISTSyncError",
     "ISTTrainer",
+    "LocalSource",
     "MLPDecomposition",
     "Piece",
     "ReferenceIST",
@@ -88,7 +92,9 @@ __all__ = [
     "cost_report",
     "decompose",
     "find_residual_stages",
+    "local_source",
     "lower_bound",
+    "prepare_local_loader",
     "ring_allreduce_bytes",
 ]  # the keys of _EXPORTS (tests/test_imports.py checks)
 
@@ -107,6 +113,7 @@ if TYPE_CHECKING:  # static checkers see the real names; nothing below runs
         find_residual_stages,
     )
     from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTPeerFailure, ISTSyncError
+    from .node_local import LocalSource, local_source, prepare_local_loader
     from .preflight import check_setup
     from .reference import ReferenceIST
     from .round import IST, RoundMetrics

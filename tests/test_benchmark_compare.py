@@ -57,3 +57,37 @@ def test_compare_runs_three_methods_and_reports(tmp_path, monkeypatch, capsys):
     config = json.loads((out / "runs" / "ist_outer_seed0" / "results.json").read_text())["ist_config"]
     assert (config["outer_lr"], config["outer_momentum"]) == (0.7, 0.9)
     assert len((out / "table.md").read_text().splitlines()) == 6
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    return compare
+
+
+def test_split_reaches_every_method_alike_and_is_recorded(tmp_path, monkeypatch):
+    """--split: the same partition flags in every method's recipe command (none for iid, so earlier
+    runs and folders stay as they were), its own folder, a top-level ``split`` in results.json."""
+    compare = load_compare()
+    commands = {}
+
+    def fake_launch(task, method, seed, args, out):
+        commands[method] = compare.recipe_command(task, method, seed, args, out)
+        point = {"accuracy": 0.5, "compute_seconds": 1.0, "bytes_sent_per_worker": 10.0}
+        return {"history": [point], "final_accuracy": 0.5, "bytes_sent_per_worker": 10.0, "samples_per_worker": 5,
+                "rounds": 1, "bytes_lower_per_worker": 10.0, "bytes_measured": True, "peak_rss_mib": 1.0,
+                "peak_state_elements": 1, "sync_seconds": 0.1}
+
+    monkeypatch.setattr(compare, "launch", fake_launch)
+    base = ["--task", "mnist", "--num-subnets", "4", "--local-steps", "5", "--eval-every", "5", "--out", str(tmp_path)]
+    summary = compare.main([*base, "--split", "dirichlet:0.1", "--methods", "ddp", "ist"])
+    assert summary["split"] == "dirichlet:0.1"
+    assert json.loads((tmp_path / "mnist_S4_dirichlet0.1" / "results.json").read_text())["split"] == "dirichlet:0.1"
+    for method in ("ddp", "ist"):
+        line = " ".join(commands[method])
+        assert "--split dirichlet:0.1 --split-seed 0" in line and f"--method {method}" in line
+    assert compare.main(base)["split"] == "iid" and "--split" not in " ".join(commands["ist"])
+    assert json.loads((tmp_path / "mnist_S4" / "results.json").read_text())["split"] == "iid"
+    with pytest.raises(SystemExit, match="expected iid, dirichlet:ALPHA"):
+        compare.main([*base, "--split", "dirichlet"])
