@@ -27,6 +27,7 @@ import torch.distributed as dist
 import transformers
 
 from ist_accel import ISTConfig
+from ist_accel.node_local import check_local_path, is_local_template, local_source, prepare_local_loader
 from ist_accel.recipe import check_output_dir, finish, setup_logging
 
 TINY = {
@@ -43,8 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     m = p.add_argument_group("model and data")
     m.add_argument("--model-config", choices=sorted(TINY), default=None, help="a tiny model from its config")
     m.add_argument("--model-name-or-path", default=None, help="a pretrained model (hub name or folder)")
-    m.add_argument("--train-file", default=None, help="a local text file")
-    m.add_argument("--eval-file", default=None, help="a local text file (default: the train file's last 10%%)")
+    m.add_argument("--train-file", default=None, help="a local text file; {rank}/{node} in it: each rank trains on "
+                   "its own, not sharded again (node-local data, docs/recipes.md#node-local-data)")
+    m.add_argument("--eval-file", default=None, help="a local text file (default: the train file's last 10%%); "
+                   "{rank}/{node}: each rank scores its own, perplexity over all ranks' tokens")
     m.add_argument("--dataset", default=None, help="a `datasets` text set (hub name), with a 'text' column")
     m.add_argument("--dataset-config", default=None)
     m.add_argument("--block-size", type=int, default=128)
@@ -87,6 +90,16 @@ def check(args: argparse.Namespace) -> None:
         raise SystemExit("give exactly one of --model-config and --model-name-or-path")
     if (args.train_file is None) == (args.dataset is None):
         raise SystemExit("give exactly one of --train-file and --dataset")
+    args.local_train = is_local_template(args.train_file)
+    args.local_eval = is_local_template(args.eval_file) or (args.local_train and args.eval_file is None)
+    for name in ("train_file", "eval_file"):
+        if is_local_template(getattr(args, name)):
+            try:
+                source = local_source(getattr(args, name))
+                check_local_path(source)
+            except (ValueError, FileNotFoundError) as error:
+                raise SystemExit(str(error)) from None
+            setattr(args, name, source.path)
     for f in (args.train_file, args.eval_file):
         if f is not None and not Path(f).is_file():
             raise SystemExit(f"no such text file: {f}")
@@ -143,10 +156,14 @@ def blocks(tokenizer, texts: list[str], size: int) -> list[dict]:
     return [{"input_ids": r, "labels": r} for r in rows]
 
 
-def perplexity(trainer: transformers.Trainer, dataset: list[dict], batch_size: int) -> float:
+def perplexity(trainer: transformers.Trainer, dataset: list[dict], batch_size: int, local: bool = False) -> float:
     """exp(mean next-token loss) of the global model in its evaluation view, the eval
-    blocks sharded over ranks (a collective: every rank calls it)."""
-    rank, world = trainer.args.process_index, trainer.args.world_size
+    blocks sharded over ranks (``local``: each rank's own blocks, every rank running as many
+    batches as the largest set needs; a collective: every rank calls it)."""
+    rank, world = (0, 1) if local else (trainer.args.process_index, trainer.args.world_size)
+    batches = torch.tensor([-(-len(dataset[rank::world]) // batch_size)], device=trainer.args.device)
+    if local and dist.is_initialized():
+        dist.all_reduce(batches, dist.ReduceOp.MAX)
     model = trainer.model if trainer.ist is None else None
     totals = torch.zeros(2, dtype=torch.float64, device=trainer.args.device)
     context = trainer.global_model() if trainer.ist is not None else _eval_mode(model)
@@ -158,9 +175,21 @@ def perplexity(trainer: transformers.Trainer, dataset: list[dict], batch_size: i
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
                                                     reduction="sum")
             totals += torch.tensor([float(nll), x[:, 1:].numel()], dtype=torch.float64, device=totals.device)
+        for _ in range(int(batches) - -(-len(shard) // batch_size)):  # in step with the ranks that have more
+            view(x, use_cache=False)
     if dist.is_initialized():
         dist.all_reduce(totals)
     return math.exp(float(totals[0] / totals[1]))
+
+
+class LocalDataTrainer(transformers.Trainer):
+    """A Trainer whose training blocks are this rank's own (node-local ``--train-file``): not
+    sharded again across ranks; ``max_steps`` keeps every rank at the same steps."""
+
+    def get_train_dataloader(self):
+        loader = torch.utils.data.DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
+                                             shuffle=True, drop_last=True, collate_fn=self.data_collator)
+        return prepare_local_loader(self.accelerator, loader)
 
 
 class _eval_mode:
@@ -202,14 +231,14 @@ def main() -> None:
         eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps or None,
         dataloader_drop_last=True, deepspeed=args.deepspeed)
     model_params = sum(p.numel() for p in model.parameters())
-    trainer = transformers.Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+    trainer = (LocalDataTrainer if args.local_train else transformers.Trainer)(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                                    processing_class=tokenizer, callbacks=[ISTCallback(config(args))])  # IST: one line
-    initial = perplexity(trainer, eval_set, args.batch_size)
+    initial = perplexity(trainer, eval_set, args.batch_size, args.local_eval)
     resume = args.resume
     if resume == "auto":
         resume = transformers.trainer_utils.get_last_checkpoint(args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
-    final = perplexity(trainer, eval_set, args.batch_size)
+    final = perplexity(trainer, eval_set, args.batch_size, args.local_eval)
     trainer.save_model(os.path.join(args.output_dir, "model"))
     ist = trainer.ist
     values = torch.tensor([ist.totals.bytes_sent, ist.totals.bytes_received, ist.totals.bytes_lower,
@@ -223,7 +252,13 @@ def main() -> None:
                "bytes_received_per_worker": values[1].item(), "bytes_lower_per_worker": values[2].item(),
                "compute_seconds": values[3].item(), "sync_seconds": values[4].item(),
                "subnet_params": ist.subnet_numel(), "model_params": model_params,
-               "ist_config": ist.config.to_dict()}
+               "ist_config": ist.config.to_dict(), "split": "node-local" if args.local_train else "iid"}
+    if args.local_train or args.local_eval:  # what each rank read, to check it read only its own
+        records = [None] * max(trainer.args.world_size, 1)
+        record = {"rank": trainer.args.process_index, "train_file": args.train_file, "eval_file": args.eval_file,
+                  "train_blocks": len(train_set), "eval_blocks": len(eval_set)}
+        dist.all_gather_object(records, record) if dist.is_initialized() else records.__setitem__(0, record)
+        results["data_per_rank"] = records
     if trainer.args.process_index == 0:
         Path(args.output_dir, "results.json").write_text(json.dumps(results, indent=2))
         print(f"eval perplexity {initial:.2f} -> {final:.2f} after {results['steps']} steps, {results['rounds']} rounds")

@@ -97,3 +97,27 @@ def test_split_gives_each_rank_its_seeded_part_of_one_training_set(tmp_path):
     held = [set(rec["train_classes"]) for rec in r["data_per_rank"]]
     assert [len(h) for h in held] == [5, 5] and not held[0] & held[1]
     assert sum(rec["train_items"] for rec in r["data_per_rank"]) == 60000
+
+
+def test_lm_recipe_trains_each_rank_on_its_own_text_file(tmp_path):
+    """recipes/ist_trainer_lm.py with --train-file/--eval-file holding {rank}: each rank's own
+    blocks (files of different sizes), the same steps on both, perplexity over both eval files."""
+    from launch import torchrun
+    from test_lm_recipe import write_corpus
+
+    for rank, sentences in ((0, 1200), (1, 600)):
+        write_corpus(tmp_path / f"train{rank}.txt", sentences, rank)
+        write_corpus(tmp_path / f"eval{rank}.txt", 100 * (rank + 1), 10 + rank)
+    out = tmp_path / "out"
+    proc = torchrun(ROOT / "recipes" / "ist_trainer_lm.py", 2,
+                    ["--model-config", "gpt2-tiny", "--decomposition", "layers", "--train-file",
+                     str(tmp_path / "train{rank}.txt"), "--eval-file", str(tmp_path / "eval{rank}.txt"),
+                     "--max-steps", "10", "--local-steps", "5", "--output-dir", str(out)], timeout=600)
+    assert (out / "results.json").exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads((out / "results.json").read_text())
+    assert r["split"] == "node-local" and r["steps"] == 10 and r["rounds"] == 2
+    assert [d["train_file"] for d in r["data_per_rank"]] == [str(tmp_path / f"train{k}.txt") for k in (0, 1)]
+    assert [d["eval_file"] for d in r["data_per_rank"]] == [str(tmp_path / f"eval{k}.txt") for k in (0, 1)]
+    blocks = [d["train_blocks"] for d in r["data_per_rank"]]
+    assert blocks[0] > 1.5 * blocks[1] > 0  # each its own file, not one shared set cut in halves
+    assert r["final_perplexity"] < r["initial_perplexity"]
