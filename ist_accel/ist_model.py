@@ -65,6 +65,12 @@ class ISTModel(nn.Module):
             object.__setattr__(self, "_global_view", view)
         return self
 
+    @property
+    def global_view(self) -> nn.Module | None:
+        """After ``.eval()``: the global model in its evaluation view that ``forward`` runs
+        (None in training mode and during a warm-up)."""
+        return self._global_view
+
     def release_global(self) -> None:
         """Drop the gathered global model (``.train()`` does this)."""
         if self._global_stack is not None:

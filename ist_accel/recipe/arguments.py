@@ -46,6 +46,9 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
                         "the papers; DiLoCo: 0.7)")
     g.add_argument("--outer-momentum", type=float, default=0.0, help="ist: outer momentum (DiLoCo: 0.9)")
     g.add_argument("--outer-nesterov", action="store_true", help="ist: Nesterov outer momentum (DiLoCo)")
+    g.add_argument("--assignment", choices=("random", "rotate"), default="random",
+                   help="ist: a fresh random decomposition every round (the papers), or one drawn every S rounds "
+                        "whose parts move on by one subnet each round (every unit meets every node's data)")
     g.add_argument("--no-eval-scaling", action="store_true", help="evaluate without the papers' eval scaling")
     g.add_argument("--sync-timeout", type=float, default=600.0,
                    help="seconds a collective waits for a stalled peer before the run fails with ISTSyncError")
@@ -79,6 +82,11 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     t.add_argument("--val-split", type=float, default=0.0,
                    help="hold out this fraction of the training set (seeded) and evaluate on it instead of the test "
                         "set (its items keep the training transforms): to pick hyper-parameters without the test set")
+    t.add_argument("--recompute-bn", type=int, default=0, metavar="BATCHES",
+                   help="before each evaluation, set the scored model's BatchNorm statistics to those of its "
+                        "activations over BATCHES batches of every rank's own training data (per-channel sums, one "
+                        "small all-reduce per norm; the trained statistics are put back after): for skewed data "
+                        "(0: score with the statistics as trained)")
     t.add_argument("--log-every", type=int, default=10)
     p = parser.add_argument_group("data placement (node-local data, skewed splits: docs/recipes.md#node-local-data)")
     p.add_argument("--split", default="iid",
@@ -115,7 +123,7 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("max_steps", "checkpoint_every", "eval_every", "stop_after_steps", "lr_warmup_steps", "min_blocks",
-                 "eval_samples"):
+                 "eval_samples", "recompute_bn"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.epochs <= 0 and args.max_steps == 0:
@@ -146,6 +154,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.method not in ("ist", "diloco") and (args.outer_lr != 1.0 or args.outer_momentum or args.outer_nesterov):
         raise SystemExit(f"--outer-lr/--outer-momentum/--outer-nesterov need --method ist or diloco, got --method "
                          f"{args.method}")
+    if args.method != "ist" and getattr(args, "assignment", "random") != "random":
+        raise SystemExit(f"--assignment {args.assignment} needs --method ist, got --method {args.method}")
     if not all(0 < m < 1 for m in args.milestones):
         raise SystemExit(f"--milestones are fractions of training in (0, 1), got {args.milestones}")
     if args.method == "ist" and args.checkpoint_every % args.local_steps:
@@ -242,6 +252,7 @@ def ist_config(args: argparse.Namespace) -> ISTConfig:
             group_size=args.group_size, seed=args.seed, eval_scaling=not args.no_eval_scaling,
             wire_dtype=args.wire_dtype, sync_timeout=getattr(args, "sync_timeout", 600.0),
             outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, outer_nesterov=args.outer_nesterov,
+            assignment=getattr(args, "assignment", "random"),
         )
     except ValueError as error:
         raise SystemExit(f"bad IST setting: {error}") from None

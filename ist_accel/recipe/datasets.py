@@ -1,5 +1,6 @@
 """What a recipe evaluates on: a seeded held-out part of the training set
-(``--val-split``) or an evenly spaced subset (``--eval-samples``)."""
+(``--val-split``) or an evenly spaced subset (``--eval-samples``); and the batches of a
+rank's own training data that ``--recompute-bn`` measures BatchNorm statistics on."""
 
 from __future__ import annotations
 
@@ -32,4 +33,21 @@ def evenly_spaced(dataset, count: int):
     return torch.utils.data.Subset(dataset, [i * n // count for i in range(count)])
 
 
-__all__ = ["evenly_spaced", "held_out_split"]
+def norm_batches(train_set: Dataset, count: int, batch_size: int, rank: int, world: int, seed: int,
+                 device: torch.device, own: bool) -> list[torch.Tensor]:
+    """``--recompute-bn``: ``count`` seeded batches of this rank's training inputs, drawn once
+    and kept for every evaluation (``own``: ``train_set`` is this rank's alone, node-local or
+    split; else items ``rank, rank + world, ...`` of the shared set)."""
+    if not own:
+        train_set = torch.utils.data.Subset(train_set, range(rank, len(train_set), world))
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed * 7919 + rank))
+    batches = []
+    for x, _ in loader:
+        if len(batches) == count:
+            break
+        batches.append(x.to(device))
+    return batches
+
+
+__all__ = ["evenly_spaced", "held_out_split", "norm_batches"]

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..memory import live_tensor_bytes
+from ..norm_statistics import recomputed_batchnorm
 from ..wiretap import Wiretap
 from .checkpoints import save_checkpoint
 from .local_data import LocalEval
@@ -81,17 +82,27 @@ class Run:
     periodic_sync: Any  # LocalSGD, DiLoCo, or NoPeriodicSync
     tap: Wiretap
     data_tensors: Any  # the datasets' own tensors, left out of the live-tensor count
+    norm_batches: Sequence[torch.Tensor] = ()  # --recompute-bn: this rank's batches for the statistics
 
 
-def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader | LocalEval) -> float:
+def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader | LocalEval,
+             norm_batches: Sequence[torch.Tensor] = ()) -> float:
     """Top-1 accuracy over the whole eval set (node-local sets: over every rank's own,
     :class:`LocalEval`). For IST, ``model.eval()`` switches to the averaged global model in
-    its evaluation view (every rank, a collective)."""
+    its evaluation view (every rank, a collective). With ``norm_batches`` the scored model's
+    BatchNorm statistics are recomputed over every rank's batches first
+    (:func:`~ist_accel.norm_statistics.recomputed_batchnorm`) and put back after."""
     model.eval()
-    if isinstance(loader, LocalEval):
-        accuracy = loader.accuracy(accelerator, model)
-        model.train()
-        return accuracy
+    recomputed = (recomputed_batchnorm(accelerator.unwrap_model(model), norm_batches) if norm_batches
+                  else contextlib.nullcontext())
+    with recomputed:
+        accuracy = (loader.accuracy(accelerator, model) if isinstance(loader, LocalEval)
+                    else _accuracy(accelerator, model, loader))
+    model.train()
+    return accuracy
+
+
+def _accuracy(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> float:
     correct = total = 0
     with torch.no_grad():
         for x, y in loader:
@@ -99,7 +110,6 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader | Lo
             pred, y = accelerator.gather_for_metrics((pred, y))
             correct += int((pred == y).sum())
             total += len(y)
-    model.train()
     return correct / max(total, 1)
 
 
@@ -171,7 +181,7 @@ def train_loop(args: argparse.Namespace, run: Run) -> dict[str, Any] | None:
                 if args.eval_every and step % args.eval_every == 0 and step < total_steps:
                     eval_started = time.perf_counter()
                     with tap.phase("eval"):
-                        accuracy = evaluate(accelerator, model, run.eval_loader)
+                        accuracy = evaluate(accelerator, model, run.eval_loader, run.norm_batches)
                         history.append(accuracy_point(args, accelerator, progress.step, progress.batches_seen, accuracy,
                                                       eval_started - started - eval_time, eval_time, tap))
                     eval_time += time.perf_counter() - eval_started
@@ -194,7 +204,7 @@ def train_loop(args: argparse.Namespace, run: Run) -> dict[str, Any] | None:
         accelerator.ist.finish()  # saved, and its bytes are counted, as LocalSGD's sync at exit and DiLoCo's last step
     train_seconds = time.perf_counter() - started - eval_time
     with tap.phase("eval"):
-        accuracy = evaluate(accelerator, model, run.eval_loader)
+        accuracy = evaluate(accelerator, model, run.eval_loader, run.norm_batches)
         history.append(accuracy_point(args, accelerator, progress.step, progress.batches_seen, accuracy,
                                       train_seconds, eval_time, tap))
     accelerator.log({"eval/accuracy": accuracy}, step=progress.step)

@@ -26,7 +26,7 @@ from ..memory import dataset_tensors
 from ..wiretap import Wiretap
 from .arguments import ist_config, preflight
 from .checkpoints import resume
-from .datasets import evenly_spaced, held_out_split
+from .datasets import evenly_spaced, held_out_split, norm_batches
 from ..node_local import prepare_local_loader
 from .local_data import LocalEval, agreed_batches, data_per_rank, local_data
 from .loop import NoPeriodicSync, Progress, Run, lr_lambda, train_loop
@@ -150,7 +150,10 @@ def _run(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module, t
     with tap.phase("train"):
         results = train_loop(args, Run(accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
                                        total_steps, own_batches, local_sgd, tap,
-                                       dataset_tensors(train_set, eval_set)))
+                                       dataset_tensors(train_set, eval_set),
+                                       norm_batches(train_set, args.recompute_bn, args.batch_size,
+                                                    accelerator.process_index, accelerator.num_processes, args.seed,
+                                                    accelerator.device, own=local is not None)))
     if results is None:
         return None
     with tap.phase("save"):
@@ -161,6 +164,7 @@ def _run(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module, t
     results["evaluated_on"] = {"split": "held-out train" if getattr(args, "val_split", 0.0) else "test",
                                "items": len(eval_set)}
     results["split"] = getattr(args, "split", "iid") if local is None else local.split
+    results["recompute_bn"] = args.recompute_bn  # batches per rank the scored statistics came from (0: as trained)
     if local is not None:
         results["data_per_rank"] = data_per_rank(accelerator, local)
         results["epochs_per_rank"] = [r["train_items"] and progress.batches_seen * args.batch_size / r["train_items"]

@@ -14,6 +14,7 @@ DILOCO = {"outer_lr": 0.7, "outer_momentum": 0.9, "outer_nesterov": True}
 from common import batch_for, eval_items, loss_fn, make_model  # noqa: E402
 
 from ist_accel import ISTAccelerator, ISTConfig  # noqa: E402
+from ist_accel.norm_statistics import recomputed_batchnorm  # noqa: E402
 
 
 def main() -> None:
@@ -29,6 +30,9 @@ def main() -> None:
     ap.add_argument("--mixed-precision", default="no")
     ap.add_argument("--zero-stage", type=int, default=0, help="DeepSpeed ZeRO stage inside each group (0: no DeepSpeed)")
     ap.add_argument("--partial", type=int, default=0, help="optimizer steps after the last round; end_training syncs them")
+    ap.add_argument("--recompute-bn", type=int, default=0,
+                    help="also score with BatchNorm statistics recomputed over this many batches per rank (rank r's "
+                         "inputs shifted by r: the ranks' data differ)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                     help="the model's and batches' dtype (float64: exact checks, wire fp64)")
@@ -79,10 +83,19 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         logits = model(torch.stack([x for x, _ in eval_items(args.model, dtype)]))
+    recomputed = {}
+    if args.recompute_bn:
+        rank = accelerator.process_index
+        batches = [batch_for(args.model, 20 + rank, 0, k, dtype)[0] + rank for k in range(args.recompute_bn)]
+        xs = torch.stack([x for x, _ in eval_items(args.model, dtype)])
+        with recomputed_batchnorm(model, batches), torch.no_grad():
+            recomputed["logits_bn"] = model(xs)
+        with torch.no_grad():
+            recomputed["logits_after"] = model(xs)  # the trained statistics are back
     model.train()
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        torch.save({"global": {k: v.clone() for k, v in state.items()}, "before": before, "logits": logits}, os.path.join(args.out, "global.pt"))
+        torch.save({"global": {k: v.clone() for k, v in state.items()}, "before": before, "logits": logits, **recomputed}, os.path.join(args.out, "global.pt"))
     zero = {}
     if args.zero_stage:
         tensors = accelerator.ist.tensors
