@@ -24,6 +24,7 @@ OPTIMIZER_STATE_POLICIES = ("reset", "carry", "local")
 WIRE_DTYPES = ("fp32", "bf16", "fp16", "fp64")
 NONFINITE_POLICIES = ("raise", "skip")
 GLOBAL_VIEWS = ("auto", "gather", "stream")
+ASSIGNMENTS = ("random", "rotate")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class ISTConfig:
         stages: ResIST stages to partition: ``"longest"`` (the paper: the longest
             stage without its first block), ``"all"``, or an explicit override such
             as ``"layer3"`` or ``"layer2:1-3,layer3:1-22"`` (container path, block range).
+        assignment: ``"random"`` (the papers: a fresh random decomposition every round) or
+            ``"rotate"`` (a random split drawn every S rounds whose parts move on by one
+            subnet each round: every unit visits every subnet, and so every node's data,
+            once per S rounds; for data that differ between nodes; needs as many units of
+            each group in every subnet).
         optimizer_state: ``"reset"`` (the papers: fresh state each round),
             ``"carry"`` (state travels with its unit, averaged over holders) or
             ``"local"`` (a group keeps its state for every tensor it holds again next
@@ -87,6 +93,7 @@ class ISTConfig:
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
     outer_nesterov: bool = False
+    assignment: str = "random"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,6 +110,7 @@ class ISTConfig:
         _check_choice("wire_dtype", self.wire_dtype, WIRE_DTYPES)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_choice("global_view", self.global_view, GLOBAL_VIEWS)
+        _check_choice("assignment", self.assignment, ASSIGNMENTS)
         if isinstance(self.sync_timeout, bool) or not isinstance(self.sync_timeout, (int, float)) \
                 or not math.isfinite(self.sync_timeout) or not self.sync_timeout > 0:
             raise ValueError(f"sync_timeout must be a finite number of seconds > 0, got {self.sync_timeout!r}")

@@ -126,6 +126,17 @@ OUTER_CASES = [
 ]
 
 
+def test_rotated_assignment_matches_reference(tmp_path):
+    """Issue 35: with assignment="rotate" each part of a split moves on by one subnet per round;
+    the engine (4 ranks) follows it as the reference does, and it is not the random draw."""
+    got, _ = run(tmp_path, "mlp", 4, policy="carry", rounds=5, extra=["--assignment=rotate", *EXACT])
+    rotated = reference("mlp", 4, 1, "carry", 5, 2, dtype=torch.float64, assignment="rotate")[0]
+    assert_same_model(got, rotated.state_dict())
+    drawn = reference("mlp", 4, 1, "carry", 5, 2, dtype=torch.float64)[0]
+    assert max((v - drawn.state_dict()[k]).abs().max().item() for k, v in rotated.state_dict().items()
+               if v.is_floating_point()) > 1e-3
+
+
 def _flags(config: dict) -> list[str]:
     return [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in config.items()]
 

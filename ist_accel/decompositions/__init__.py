@@ -28,11 +28,20 @@ from .transformer_width import TransformerWidthDecomposition
 def decompose(
     model: nn.Module, config: ISTConfig, example_input: torch.Tensor | None = None
 ) -> Decomposition:
-    """Build the decomposition ``config.decomposition`` names for ``model``.
+    """Build the decomposition ``config.decomposition`` names for ``model``, assigning units
+    as ``config.assignment`` says.
 
     ``"auto"`` picks the layer-wise split for a `transformers` model, IST's neuron split
     for a chain of Linear layers, and ResIST otherwise.
     """
+    decomposition = _build(model, config, example_input)
+    decomposition.rotate = config.assignment == "rotate"
+    if decomposition.rotate:
+        decomposition.check_rotation()
+    return decomposition
+
+
+def _build(model: nn.Module, config: ISTConfig, example_input: torch.Tensor | None) -> Decomposition:
     kind = config.decomposition
     if kind == "auto" and is_transformer(model):
         kind = "layers"

@@ -63,9 +63,33 @@ class Decomposition(ABC):
     def groups(self) -> dict[str, int]:
         """Group name -> number of interchangeable units in it."""
 
+    #: ``ISTConfig.assignment == "rotate"`` (:func:`~ist_accel.decompositions.decompose` sets it)
+    rotate: bool = False
+
     @abstractmethod
+    def draw(self, round_: int) -> Assignment:
+        """The papers' random assignment of ``round_``: a pure function of (seed, round)."""
+
     def assignment(self, round_: int) -> Assignment:
-        """The units of each subnet in ``round_``: a pure function of (seed, round)."""
+        """The units of each subnet in ``round_``: :meth:`draw`'s, or with :attr:`rotate` the
+        split drawn at the cycle's first round (every S rounds) with its parts moved on by
+        one subnet each round, so every unit visits every subnet (node) once per cycle."""
+        if not self.rotate:
+            return self.draw(round_)
+        S = self.num_subnets
+        drawn = self.draw(round_ - round_ % S)
+        return Assignment(round_, tuple(drawn.units[(s + round_) % S] for s in range(S)))
+
+    def check_rotation(self) -> None:
+        """Raise ``ValueError`` unless every subnet holds as many units of each group (a
+        rotated part must fit the subnet it moves to)."""
+        units = self.draw(0).units
+        for group in self.groups:
+            counts = [len(u.get(group, ())) for u in units]
+            if len(set(counts)) > 1:
+                raise ValueError(f"assignment='rotate' moves each subnet's units to the next subnet, so every subnet "
+                                 f"must hold as many units of each group; {group!r} gives {counts} per subnet "
+                                 "(choose num_subnets dividing its units, or min_blocks, or assignment='random')")
 
     @abstractmethod
     def build_subnet(self, subnet: int) -> nn.Module:

@@ -91,7 +91,7 @@ class MLPDecomposition(Decomposition):
     def groups(self) -> dict[str, int]:
         return dict(self.widths)
 
-    def assignment(self, round_: int) -> Assignment:
+    def draw(self, round_: int) -> Assignment:
         return split_assignment(self.widths, self.num_subnets, self.seed, round_)
 
     def build_subnet(self, subnet: int) -> nn.Module:

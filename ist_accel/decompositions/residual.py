@@ -76,7 +76,7 @@ class ResidualDecomposition(Decomposition):
     def groups(self) -> dict[str, int]:
         return {st.path: st.num_blocks for st in self.stages}
 
-    def assignment(self, round_: int) -> Assignment:
+    def draw(self, round_: int) -> Assignment:
         per_stage = {
             st.path: deal_blocks(st.num_blocks, self.num_subnets, self.min_blocks, self.seed, round_, st.path)
             for st in self.stages

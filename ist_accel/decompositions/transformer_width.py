@@ -123,7 +123,7 @@ class TransformerWidthDecomposition(Decomposition):
     def groups(self) -> dict[str, int]:
         return dict(self.widths)
 
-    def assignment(self, round_: int) -> Assignment:
+    def draw(self, round_: int) -> Assignment:
         return split_assignment(self.widths, self.num_subnets, self.seed, round_)
 
     def _head_dims(self, kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

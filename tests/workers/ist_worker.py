@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--outer-momentum", type=float, default=0.0)
     ap.add_argument("--outer-nesterov", action="store_true")
     ap.add_argument("--min-blocks", type=int, default=0)
+    ap.add_argument("--assignment", default="random")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                     help="the model's and batches' dtype (float64 with --wire-dtype fp64: exact checks)")
     args = ap.parse_args()
@@ -47,7 +48,7 @@ def main() -> None:
                        optimizer_state=args.policy, seed=5 + dist.get_rank() * args.seed_rank_offset,
                        wire_dtype=args.wire_dtype, nonfinite=args.nonfinite, decomposition=args.decomposition, sync_timeout=args.timeout,
                        outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, outer_nesterov=args.outer_nesterov,
-                       min_blocks=args.min_blocks)
+                       min_blocks=args.min_blocks, assignment=args.assignment)
     model = make_model(args.model, dtype)
     tap = Wiretap().install()  # the package's wiretap, which the recipes report: checked against the engine
     wire = WireCount().install()  # the test's own count (tests/workers/common.py), apart from both
