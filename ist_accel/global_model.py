@@ -21,7 +21,8 @@ from torch import nn
 
 from .decompositions import Decomposition
 from .exchange import OwnerShards
-from .global_view import GatherPlan, GlobalView, streamed
+from .gather_plan import GatherPlan
+from .global_view import GlobalView, streamed
 from .round_end import post_check
 from .subnet import integer_buffer_copies
 from .tensors import state_tensors
@@ -43,7 +44,7 @@ def read_current(ist: IST) -> tuple[GatherPlan, dict[int, torch.Tensor]]:
         ist.global_model.warned_round = ist.round
         logger.warning("IST: the global model is read %d steps into round %d (step %d): it is the average a "
                        "sync now would produce; the round goes on", ist.round_steps, ist.round, ist.steps)
-    plan = ist.global_view.plan(ist.round, ist.planner.base_fields, ist.layouts)
+    plan = ist.global_view.plan(ist.round, ist.planner.base_fields, ist.layouts, agreed=not ist.round_steps)
     values = ist.tensors.tensors()
     if ist.intra is not None and ist.round_steps:  # the group's replicas differ in their statistics
         names = [n for n, _ in ist.subnet.named_buffers() if n in values]

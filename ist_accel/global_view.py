@@ -2,16 +2,20 @@
 
 Every element of the global model lives in exactly one place in a round (its holder's
 subnet, or, for IST's unheld blocks, its owner shard; :mod:`ist_accel.transfer`); whole
-tensors with several holders live in each, and their value is the mean over holders, as
-a sync would average them. So a gather moves, per group, only what that group holds:
+tensors with several holders live in each. What moves (:class:`~ist_accel.gather_plan.GatherPlan`):
 
-* the shared set (every group holds it) is all-reduced among the groups and divided by S;
-* each group's other contributions (its partitioned units and its owner shard) are packed
-  into one flat fp32 buffer and all-gathered (every rank gets the model) or sent to one
-  rank (``dst``). Each rank receives what it lacks, once.
+* **at a round end** (after a sync or a load, before the first round) the holders agree:
+  every rank reads the shared set from its own subnet, and receives from each other group,
+  in one batch of messages, only the units and owner rows it lacks, each whole tensor from
+  one of its holders. Evaluating the model every round costs each rank what it lacks, once
+  (issue 34, item 5: before, the shared set was all-reduced and every group's contribution
+  all-gathered, 2.2x the bytes on a ResNet);
+* **mid-round** the value is the mean over holders, as a sync would average them: the shared
+  set is all-reduced among the groups and divided by S, and each group's contributions are
+  packed into one flat fp32 buffer and all-gathered (or sent to one rank, ``dst``).
 
-Between two syncs this is exactly the model a sync now would produce; at a round end it
-is the averaged global model (IST Alg. 1's evaluation of the global network).
+Either way this is exactly the model a sync now would produce; at a round end it is the
+averaged global model (IST Alg. 1's evaluation of the global network).
 
 :meth:`GlobalView.streamed` never builds the whole model: each module that owns tensors is
 gathered just before its forward and dropped after it (as FSDP and ZeRO-3 do), so a rank
@@ -24,87 +28,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
+from .gather_plan import Contribution, GatherPlan
 from .topology import Topology
-from .transfer import FieldSpec, Layout, local_index, located_boxes, owner_rows, read_box, write_box
-from .transfer import compact_index as _index
+from .transfer import FieldSpec, Layout, read_box, write_box
 from .transport import Transport
-
-
-@dataclass
-class Part:
-    """A box of one field in a group's contribution: read at local ``rows`` x ``cols`` of
-    its ``store`` ("sub" or "own"), written at global ``at_rows`` x ``at_cols``."""
-
-    field: int
-    offset: int
-    numel: int
-    store: str
-    rows: torch.Tensor | None
-    cols: torch.Tensor | None
-    at_rows: torch.Tensor | None
-    at_cols: torch.Tensor | None
-    shape: tuple[int, ...]
-
-
-@dataclass
-class Contribution:
-    parts: list[Part] = field(default_factory=list)
-    wholes: list[tuple[int, int, int]] = field(default_factory=list)  # (field, offset, numel)
-    size: int = 0
-
-
-class GatherPlan:
-    """What each group contributes to the global model in one round's layouts."""
-
-    def __init__(self, fields: Sequence[FieldSpec], layouts: Mapping[str, Layout], num_groups: int) -> None:
-        S = num_groups
-        self.fields = list(fields)
-        self.shared: list[tuple[int, int, int]] = []
-        self.shared_numel = 0
-        self.frozen_shared: list[int] = []
-        self.holders: dict[int, int] = {}  # whole field -> number of contributing holders
-        self.contributions = [Contribution() for _ in range(S)]
-        self.owned: dict[str, tuple[int, int]] = {}
-        for i, f in enumerate(self.fields):
-            layout = layouts[f.param]
-            if layout.whole:
-                H = layout.holders
-                if len(H) == S:
-                    if f.frozen:
-                        self.frozen_shared.append(i)
-                    else:
-                        self.shared.append((i, self.shared_numel, f.numel))
-                        self.shared_numel += f.numel
-                    continue
-                givers = H[:1] if f.frozen else H
-                self.holders[i] = len(givers)
-                for g in givers:
-                    c = self.contributions[g]
-                    c.wholes.append((i, c.size, f.numel))
-                    c.size += f.numel
-                continue
-            has_owner, by_group = located_boxes(layout, S)
-            for g, kinds in by_group.items():
-                c = self.contributions[g]
-                lo = owner_rows(f.shape[0], S, g)[0]
-                for kind, boxes in kinds:
-                    for box in boxes:
-                        rows, cols = box.rows, box.cols
-                        if kind == "own":
-                            self.owned[f.name] = owner_rows(f.shape[0], S, g)
-                        local_rows, local_cols = local_index(box, kind, layout, lo)
-                        shape = (f.shape[0] if rows is None else len(rows),
-                                 *(() if len(f.shape) < 2 else (f.shape[1] if cols is None else len(cols),)),
-                                 *f.shape[2:])
-                        n = torch.Size(shape).numel()
-                        c.parts.append(Part(i, c.size, n, kind, _index(local_rows), _index(local_cols), _index(rows), _index(cols),
-                                            shape))
-                        c.size += n
 
 
 class GlobalView:
@@ -114,12 +44,15 @@ class GlobalView:
                  values: torch.dtype = torch.float32) -> None:
         self.topology, self.transport, self.device = topology, transport, device
         self.values = values  # the dtype contributions travel and are summed in
-        self._plans: dict[int, GatherPlan] = {}
+        self._plans: dict[tuple[int, bool], GatherPlan] = {}
 
-    def plan(self, round_: int, fields: Sequence[FieldSpec], layouts: Mapping[str, Layout]) -> GatherPlan:
-        if round_ not in self._plans:
-            self._plans = {round_: GatherPlan(fields, layouts, self.topology.S)}
-        return self._plans[round_]
+    def plan(self, round_: int, fields: Sequence[FieldSpec], layouts: Mapping[str, Layout],
+             agreed: bool = False) -> GatherPlan:
+        key = (round_, agreed)
+        if key not in self._plans:
+            self._plans = {k: v for k, v in self._plans.items() if k[0] == round_}
+            self._plans[key] = GatherPlan(fields, layouts, self.topology.S, agreed)
+        return self._plans[key]
 
     def gather(self, plan: GatherPlan, current: Mapping[int, torch.Tensor], owners: Mapping[str, torch.Tensor],
                out: Mapping[int, torch.Tensor], dst: int | None = None) -> bool:
@@ -131,6 +64,8 @@ class GlobalView:
             raise ValueError(f"gather to rank {dst}: the destination must lead its group (a multiple of G={top.G})")
         if dst is not None and not top.is_leader:
             return False  # the leaders carry their groups' contributions
+        if plan.agreed:
+            return self._gather_agreed(plan, current, owners, out, dst)
         group = top.stripe  # G = 1: the default group; else this replica (leaders: replica 0) across groups
         # the shared set: summed over the groups
         bucket = torch.empty(plan.shared_numel, dtype=self.values, device=self.device)
@@ -193,6 +128,48 @@ class GlobalView:
         return True
 
 
+    def _pack(self, c: Contribution, plan: GatherPlan, current: Mapping[int, torch.Tensor],
+              owners: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        chunk = torch.empty(c.size, dtype=self.values, device=self.device)
+        for part in c.parts:
+            source = current[part.field] if part.store == "sub" else owners[plan.fields[part.field].name]
+            read_box(source, part.rows, part.cols, chunk[part.offset : part.offset + part.numel].view(part.shape))
+        for i, offset, n in c.wholes:
+            chunk[offset : offset + n].copy_(current[i].reshape(-1))
+        return chunk
+
+    @staticmethod
+    def _write(c: Contribution, chunk: torch.Tensor, out: Mapping[int, torch.Tensor]) -> None:
+        for part in c.parts:
+            write_box(out[part.field], part.at_rows, part.at_cols,
+                      chunk[part.offset : part.offset + part.numel].view(part.shape))
+        for i, offset, n in c.wholes:
+            out[i].copy_(chunk[offset : offset + n].view(out[i].shape))
+
+    def _gather_agreed(self, plan: GatherPlan, current: Mapping[int, torch.Tensor],
+                       owners: Mapping[str, torch.Tensor], out: Mapping[int, torch.Tensor], dst: int | None) -> bool:
+        """:meth:`gather` when the holders agree (:class:`GatherPlan`): one batch of messages,
+        each carrying from one group to another only what the receiver lacks."""
+        top, me = self.topology, self.topology.group_index
+        receivers = range(top.S) if dst is None else [dst // top.G]
+        sends = {top.peer(q): self._pack(plan.needs[me, q], plan, current, owners)
+                 for q in receivers if q != me and plan.needs[me, q].size}
+        receiving = me in receivers and (dst is None or top.rank == dst)
+        recvs = {top.peer(g): torch.empty(plan.needs[g, me].size, dtype=self.values, device=self.device)
+                 for g in range(top.S) if receiving and g != me and plan.needs[g, me].size}
+        self.transport.point_to_point(sends, recvs, "gather")
+        if not receiving:
+            return False
+        with torch.no_grad():
+            self._write(plan.own[me], self._pack(plan.own[me], plan, current, owners), out)
+            for g in range(top.S):
+                if top.peer(g) in recvs:
+                    self._write(plan.needs[g, me], recvs[top.peer(g)], out)
+            for i in plan.frozen_shared:
+                out[i].copy_(current[i])
+        return True
+
+
 class _Streamer:
     """Forward hooks that materialize one module of the global model at a time."""
 
@@ -230,7 +207,7 @@ class _Streamer:
         else:
             plan = self.plans.get(path)
             if plan is None:
-                plan = self.plans[path] = GatherPlan(fields, layouts, self.view.topology.S)
+                plan = self.plans[path] = GatherPlan(fields, layouts, self.view.topology.S, self.shared_local)
             out = {k: torch.empty(f.shape, dtype=f.dtype, device=self.view.device) for k, f in enumerate(fields)}
             current = {k: self.current[i] for k, i in enumerate(picked) if i in self.current}
             self.view.gather(plan, current, self.owners, out, dst=None)
@@ -273,4 +250,4 @@ def streamed(view: GlobalView, model: nn.Module, fields: Sequence[FieldSpec], la
     return context()
 
 
-__all__ = ["Contribution", "GatherPlan", "GlobalView", "Part", "streamed"]
+__all__ = ["GlobalView", "streamed"]

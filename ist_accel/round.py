@@ -33,7 +33,8 @@ from .evaluation import Score, sharded_scores
 from .exchange import Exchange, value_dtype
 from .faults import inject
 from .global_model import GlobalModel, read_current
-from .global_view import GatherPlan, GlobalView
+from .gather_plan import GatherPlan
+from .global_view import GlobalView
 from .guard import RoundGuard, SkipSnapshot, digest
 from .init import InitialValues, MetaInit, ModelValues, is_meta
 from .lifecycle import apply_sync_timeout, exit_with_parent

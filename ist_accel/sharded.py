@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import checkpoint
-from .global_view import GatherPlan
+from .gather_plan import GatherPlan
 from .subnet import integer_buffer_copies
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def collect_shards(ist: IST, export: bool = False, budget: int = BUDGET) -> Shar
             writer = top.rank == w * top.G
             for batch in _batches([fields[k] for k in chosen], plan.fields, budget):
                 specs = [plan.fields[i] for i in batch]
-                sub = GatherPlan(specs, {f.param: ist.layouts[f.param] for f in specs}, S)
+                sub = GatherPlan(specs, {f.param: ist.layouts[f.param] for f in specs}, S, agreed=plan.agreed)
                 gathered = {k: torch.empty(f.shape, dtype=f.dtype, device=ist.device) for k, f in enumerate(specs)} \
                     if writer else {}
                 here = {k: current[i] for k, i in enumerate(batch) if i in current}

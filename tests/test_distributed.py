@@ -225,6 +225,14 @@ def test_bytes_at_the_lower_bound_and_memory_is_subnet_plus_shard(tmp_path, mode
                 check = m["other_bytes_sent"]
                 assert check == r["history"][0]["other_bytes_sent"] and check % (8 * (world - 1)) == 0
                 assert 0 < check / (8 * (world - 1)) <= 32, check  # a handful of fields, not a payload
+        # issue 34, item 5: an evaluation at a round end brings each rank only what it lacks, once
+        # (the holders agree: no shared all-reduce, one giver per whole tensor)
+        # (the holders agree: no shared all-reduce, one giver per whole tensor). An IST owner
+        # shard is whole rows, of which the subnets hold some columns: bounds; ResNet: exact
+        received, lacking = r["eval_gather_bytes"][1], r["global_elements"] - r["subnet_float_elements"]
+        assert 4 * (lacking - r["owner_elements"]) <= received <= 4 * lacking, (received, lacking, r["owner_elements"])
+        if model == "resnet":  # whole blocks only: a shard holds blocks no subnet holds
+            assert received == 4 * (lacking - r["owner_elements"]), (received, lacking)
 
 
 def test_engine_rejects_bad_worlds_before_creating_groups():

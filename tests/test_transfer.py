@@ -18,7 +18,7 @@ from common import make_model  # noqa: E402
 from ist_accel import ISTConfig, decompose  # noqa: E402
 from ist_accel.decompositions import average_into_global, load_subnet, state_tensors  # noqa: E402
 from ist_accel.exchange import Exchange  # noqa: E402
-from ist_accel.global_view import GatherPlan  # noqa: E402
+from ist_accel.gather_plan import GatherPlan  # noqa: E402
 from ist_accel.models import MLP, build_model  # noqa: E402
 from ist_accel.transfer import FieldSpec, build_plan, layouts, located_boxes, owner_group, owner_rows, read_box, write_box  # noqa: E402,E501
 

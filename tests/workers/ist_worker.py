@@ -77,7 +77,10 @@ def main() -> None:
         ist.optimizer.step()
         ist.optimizer.zero_grad(set_to_none=True)
     history = [vars(m) for m in ist.totals.history]
+    ledger_before = ist.transport.ledger.copy()
     accuracy = ist.evaluate(eval_items(args.model, dtype), batch_size=7, score=score)
+    gather_bytes = [after - before for after, before in zip(ist.transport.ledger.copy()["gather"],
+                                                           ledger_before.get("gather", (0.0, 0.0)))]
     resident_after_eval = ist.resident_elements()
     model = ist.gather_global(dst=0)
     if ist.rank == 0:
@@ -86,6 +89,9 @@ def main() -> None:
         json.dump({"wiretap": tap.report(), "ledger": ist.transport.ledger.copy(), "syncs": syncs,
                    "wire": {"sent": wire.sent, "received": wire.received, "calls": wire.calls}, "history": history, "accuracy": accuracy, "resident_after_eval": resident_after_eval, "resident_after_setup": resident_after_setup, "resident_peak": peak,
                    "subnet_elements": sum(t.numel() for t in ist.subnet.state_dict().values()),
+                   "subnet_float_elements": sum(t.numel() for t in ist.subnet.state_dict().values()
+                                                if t.is_floating_point()),
+                   "owner_elements": ist.exchange.owners.numel(), "eval_gather_bytes": gather_bytes,
                    "global_elements": sum(sh.numel() for sh, _ in ist.global_shapes.values())}, f)
     ist.remove_hooks()
     dist.barrier()
