@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ist_accel.accounting import ring_allreduce_bytes
 from ist_accel.data.partition import parse_split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,12 +93,26 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4g} ± {(max(values) - min(values)) / 2:.2g}"
 
 
-def summarize(runs: dict[str, list[dict]], bandwidth: float) -> tuple[list[dict], float]:
+def ddp_bytes_per_sample(runs: dict[str, list[dict]], batch_size: int) -> tuple[float, str]:
+    """DDP's bytes per worker and sample: measured where DDP was run, else its ring
+    all-reduce of the model's gradients once per step, ``2 (N-1)/N x 4 x params / batch``."""
+    if "ddp" in runs:
+        return statistics.mean(r["bytes_sent_per_worker"] / r["samples_per_worker"] for r in runs["ddp"]), "measured"
+    run = next(r for rs in runs.values() for r in rs)
+    return ring_allreduce_bytes(run["model_params"], run["world_size"]) / batch_size, "ring model"
+
+
+def wire_of(run: dict) -> tuple[str, bool]:
+    """(wire dtype, overlap) of a run: IST's from its config; a baseline's fp32 without overlap."""
+    config = run.get("ist_config") or {}
+    return run.get("wire_dtype", config.get("wire_dtype", "fp32")), bool(run.get("overlap", config.get("overlap", False)))
+
+
+def summarize(runs: dict[str, list[dict]], bandwidth: float, batch_size: int) -> tuple[list[dict], float]:
     """Per method: the table's numbers (means over seeds) and the common accuracy target."""
     target = min(max(p["accuracy"] for p in r["history"]) for rs in runs.values() for r in rs)
     rows = []
-    ddp_bytes = statistics.mean(r["bytes_sent_per_worker"] / r["samples_per_worker"] for r in runs.get("ddp", []))\
-        if "ddp" in runs else None
+    ddp_bytes, ddp_source = ddp_bytes_per_sample(runs, batch_size)
     for method, rs in runs.items():
         per_sample = [r["bytes_sent_per_worker"] / r["samples_per_worker"] for r in rs]
         to_target = []
@@ -112,7 +127,14 @@ def summarize(runs: dict[str, list[dict]], bandwidth: float) -> tuple[list[dict]
             "bytes_per_sample": per_sample,
             "total_bytes_per_sample": [r.get("total_bytes_sent_per_worker", r["bytes_sent_per_worker"])
                                        / r["samples_per_worker"] for r in rs],
-            "bytes_vs_ddp": [ddp_bytes / b if b and ddp_bytes else float("inf") for b in per_sample],
+            "wire_dtype": wire_of(rs[0])[0],
+            "overlap": wire_of(rs[0])[1],
+            "bytes_vs_ddp": [ddp_bytes / b if b else float("inf") for b in per_sample],
+            "all_bytes_vs_ddp": [ddp_bytes * r["samples_per_worker"] / r.get("total_bytes_sent_per_worker",
+                                                                              r["bytes_sent_per_worker"])
+                                 if r.get("total_bytes_sent_per_worker", r["bytes_sent_per_worker"]) else float("inf")
+                                 for r in rs],
+            "ddp_bytes_from": ddp_source,
             "measured_vs_lower": [r["bytes_sent_per_worker"] / r["bytes_lower_per_worker"]
                                   if r["bytes_lower_per_worker"] else 1.0 for r in rs],
             "bytes_measured": rs[0]["bytes_measured"],
@@ -126,6 +148,25 @@ def summarize(runs: dict[str, list[dict]], bandwidth: float) -> tuple[list[dict]
     return rows, target
 
 
+def slim(run: dict) -> dict:
+    """A run as results.json keeps it: its IST config reduced to the wire it used."""
+    dtype, overlap = wire_of(run)
+    return {**{k: v for k, v in run.items() if k != "ist_config"}, "wire_dtype": dtype, "overlap": overlap}
+
+
+def refresh(folder: Path) -> dict[str, Any]:
+    """Summarize ``folder``'s results.json again from the runs it holds (new row fields, the
+    same runs): ``compare.py --refresh docs/bench/*/``."""
+    summary = json.loads((folder / "results.json").read_text())
+    runs = {m: [slim(r) for r in rs] for m, rs in summary["runs"].items()}
+    bandwidth = summary["bandwidth_gbps"] * 1e9 / 8
+    rows, target = summarize(runs, bandwidth, summary["batch_size"])
+    summary.update(rows=rows, accuracy_target=target, runs=runs)
+    (folder / "results.json").write_text(json.dumps(summary, indent=1))
+    (folder / "table.md").write_text(table(rows, target, bandwidth) + "\n")
+    return summary
+
+
 def table(rows: list[dict], target: float, bandwidth: float) -> str:
     head = ("| method | final accuracy | exchange bytes / worker / sample | all bytes / worker / sample | "
             "DDP bytes / these | bytes / lower bound | "
@@ -136,7 +177,8 @@ def table(rows: list[dict], target: float, bandwidth: float) -> str:
         bytes_note = "" if r["bytes_measured"] else " (ring model)"
         lines.append(f"| {r['method']} | {spread(r['final_accuracy'])} | {spread(r['bytes_per_sample'])}{bytes_note} | "
                      f"{spread(r['total_bytes_per_sample'])} | "
-                     f"{spread(r['bytes_vs_ddp'])} | {spread(r['measured_vs_lower'])} | {spread(r['peak_rss_mib'])} | "
+                     f"{spread(r['bytes_vs_ddp'])}{'' if r.get('ddp_bytes_from') != 'ring model' else ' (vs ring model)'} | "
+                     f"{spread(r['measured_vs_lower'])} | {spread(r['peak_rss_mib'])} | "
                      f"{spread(r['peak_state_elements'])} | {spread(r['compute_s_per_round'])} | "
                      f"{spread(r['sync_s_per_round'])} | {spread(r['modeled_seconds_to_target'])} |")
     return "\n".join(lines)
@@ -174,7 +216,7 @@ def plot(runs: dict[str, list[dict]], bandwidth: float, out: Path, title: str) -
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", choices=sorted(TASKS), required=True)
+    ap.add_argument("--task", choices=sorted(TASKS))
     ap.add_argument("--num-subnets", type=int, default=2, help="also the number of workers (G = 1)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:3]))
     ap.add_argument("--epochs", type=float, default=1.0)
@@ -206,8 +248,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "training set, the same for every method and seed (recipes' --split); the test set stays shared")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of --split's partition")
     ap.add_argument("--out", default="bench")
+    ap.add_argument("--refresh", nargs="+", type=Path, default=[], metavar="DIR",
+                    help="summarize these result folders again from the runs they hold (run nothing; --task is "
+                         "then not needed)")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for the recipe")
     args = ap.parse_args(argv)
+    if args.refresh:
+        return {str(folder): refresh(folder) for folder in args.refresh}
+    if args.task is None:
+        ap.error("--task is required (unless --refresh)")
     args.extra = [a for a in args.extra if a != "--"]
     try:
         args.split = parse_split(args.split)
@@ -246,14 +295,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name = names[method]
             runs.setdefault(name, []).append(launch(args.task, method, seed, args, out / "runs" / f"{name}_seed{seed}"))
     runs = dict(sorted(runs.items(), key=lambda kv: METHODS.index(kv[0]) if kv[0] in METHODS else len(METHODS)))
-    rows, target = summarize(runs, bandwidth)
+    rows, target = summarize(runs, bandwidth, args.batch_size)
     text = table(rows, target, bandwidth)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"task": args.task, "num_subnets": args.num_subnets, "split": str(args.split),
                "split_seed": args.split_seed, "epochs": args.epochs, "seeds": args.seeds,
                "batch_size": args.batch_size, "local_steps": args.local_steps, "bandwidth_gbps": args.bandwidth_gbps,
                "accuracy_target": target, "rows": rows,
-               "runs": {m: [{k: v for k, v in r.items() if k != "ist_config"} for r in rs] for m, rs in runs.items()}}
+               "runs": {m: [slim(r) for r in rs] for m, rs in runs.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "table.md").write_text(text + "\n")
     plot(runs, bandwidth, out, f"{args.task}, {args.num_subnets} workers"

@@ -91,3 +91,30 @@ def test_split_reaches_every_method_alike_and_is_recorded(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "mnist_S4" / "results.json").read_text())["split"] == "iid"
     with pytest.raises(SystemExit, match="expected iid, dirichlet:ALPHA"):
         compare.main([*base, "--split", "dirichlet"])
+
+
+def test_refresh_adds_the_wire_fields_and_models_ddp_where_it_was_not_run(tmp_path):
+    """--refresh: rows again from the runs a folder holds; each row carries its wire dtype,
+    overlap and bytes against DDP, DDP's ring all-reduce per step where DDP was not run."""
+    compare = load_compare()
+    point = {"accuracy": 0.5, "compute_seconds": 1.0, "bytes_sent_per_worker": 10.0}
+    run = {"history": [point], "final_accuracy": 0.5, "bytes_sent_per_worker": 1000.0, "samples_per_worker": 100,
+           "total_bytes_sent_per_worker": 4000.0, "rounds": 1, "bytes_lower_per_worker": 1000.0,
+           "bytes_measured": True, "peak_rss_mib": 1.0, "peak_state_elements": 1, "sync_seconds": 0.1,
+           "model_params": 250, "world_size": 4}
+    folder = tmp_path / "mnist_S4"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({
+        "task": "mnist", "bandwidth_gbps": 10.0, "batch_size": 5, "rows": [], "accuracy_target": 0.0,
+        "runs": {"localsgd": [run], "ist": [{**run, "ist_config": {"wire_dtype": "bf16"}}]}}))
+    compare.main(["--refresh", str(folder)])
+    summary = json.loads((folder / "results.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    ddp = 2 * 3 / 4 * 4 * 250 / 5  # per step, over the batch: 300 bytes per sample
+    assert rows["ist"]["bytes_vs_ddp"] == [pytest.approx(ddp / 10.0)]
+    assert rows["ist"]["all_bytes_vs_ddp"] == [pytest.approx(ddp / 40.0)]
+    assert rows["ist"]["ddp_bytes_from"] == "ring model"
+    assert (rows["ist"]["wire_dtype"], rows["localsgd"]["wire_dtype"]) == ("bf16", "fp32")
+    assert rows["ist"]["overlap"] is False
+    assert summary["runs"]["ist"][0]["wire_dtype"] == "bf16" and "ist_config" not in summary["runs"]["ist"][0]
+    assert "(vs ring model)" in (folder / "table.md").read_text()
