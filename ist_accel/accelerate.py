@@ -196,10 +196,13 @@ class ISTAccelerator(Accelerator):
     # ---- the global model ------------------------------------------------------------
 
     @contextlib.contextmanager
-    def eval_global(self) -> Iterator[nn.Module]:
-        """The global model in its evaluation view on every rank (a collective)."""
-        with self._engine().eval_global(dst=None) as view:
-            view.eval()
+    def eval_global(self, dst: int | None = None) -> Iterator[nn.Module | None]:
+        """The global model in its evaluation view on every rank (a collective), or on rank
+        ``dst`` only (None elsewhere): each rank then sends its part once, and only ``dst``
+        receives what it lacks (fewer bytes; ``dst`` scores alone)."""
+        with self._engine().eval_global(dst=dst) as view:
+            if view is not None:
+                view.eval()
             yield view
 
     def get_state_dict(self, model: nn.Module, unwrap: bool = True, raw: bool = False) -> dict[str, torch.Tensor]:

@@ -188,6 +188,35 @@ def test_stop_mid_round_and_resume_equals_uninterrupted(tmp_path, policy):
 
 
 @needs_mnist
+def test_eval_on_main_scores_alike_with_fewer_bytes(tmp_path):
+    """Issue 34, item 5: ``--eval-on main`` puts IST's global model together on the main process
+    alone and scores the whole set there: the same accuracies as every rank scoring its shard,
+    and each rank's evaluation bytes fall (S = 2: one rank sends its part, the other receives)."""
+    common = ["--data", str(MNIST), "--hidden", "64", "64", "--max-steps", "20", "--local-steps", "5",
+              "--eval-every", "10", "--eval-samples", "500"]
+    everywhere = launch("ist_mlp.py", common, tmp_path / "all")
+    main = launch("ist_mlp.py", [*common, "--eval-on", "main"], tmp_path / "main")
+    assert [p["accuracy"] for p in main["history"]] == [p["accuracy"] for p in everywhere["history"]]
+    assert main["bytes_by_phase"]["exchange"] == everywhere["bytes_by_phase"]["exchange"]
+    assert main["bytes_by_phase"]["eval"] < 0.55 * everywhere["bytes_by_phase"]["eval"], (main["bytes_by_phase"],
+                                                                                        everywhere["bytes_by_phase"])
+
+
+@needs_mnist
+def test_recompute_bn_costs_one_small_all_reduce_per_norm(tmp_path):
+    """Issue 35: ``--recompute-bn`` (here for DDP on a skewed split) adds to each evaluation one
+    all-reduce per BatchNorm of (2 C + 1) float64 sums, counted by the wiretap: 2 evaluations x
+    2 norms of 64 channels, ring over 2 ranks = 2 x 2 x 129 x 8 bytes per rank, nothing else."""
+    common = ["--data", str(MNIST), "--hidden", "64", "64", "--max-steps", "10", "--local-steps", "5",
+              "--eval-every", "5", "--eval-samples", "200", "--method", "ddp", "--split", "dirichlet:0.1"]
+    plain = launch("ist_mlp.py", common, tmp_path / "plain")
+    recomputed = launch("ist_mlp.py", [*common, "--recompute-bn", "2"], tmp_path / "bn")
+    assert (plain["recompute_bn"], recomputed["recompute_bn"]) == (0, 2)
+    assert recomputed["bytes_by_phase"]["eval"] - plain["bytes_by_phase"]["eval"] == 2 * 2 * 129 * 8
+    assert recomputed["bytes_by_phase"]["exchange"] == plain["bytes_by_phase"]["exchange"]
+
+
+@needs_mnist
 def test_wandb_offline_run_and_logged_keys(tmp_path):
     proc = accelerate_launch(Path(__file__).parent / "workers" / "tracking_worker.py", 2,
                              ["--data", str(MNIST), "--hidden", "64", "64", "--max-steps", "40", "--local-steps",
@@ -225,6 +254,11 @@ def test_help(recipe):
     (["--train-seconds", "nan", "--eval-every", "10"], "--train-seconds must be a finite number of seconds >= 0"),
     (["--target-accuracy", "1.5", "--eval-every", "10"], "--target-accuracy must be an accuracy in [0, 1]"),
     (["--train-seconds", "30"], "checked at evaluations: give --eval-every N"),
+    (["--eval-on", "main", "--method", "ddp"], "--eval-on main needs --method ist"),
+    (["--eval-on", "main", "--recompute-bn", "4"], "--recompute-bn needs every rank"),
+    (["--eval-on", "main", "--data", "/sites/{node}"], "node-local data ({rank}/{node} in --data) stays on its node"),
+    (["--assignment", "rotate", "--method", "localsgd"], "--assignment rotate needs --method ist"),
+    (["--recompute-bn", "-1"], "--recompute-bn must be >= 0"),
 ])
 def test_bad_arguments_fail_before_anything_starts(tmp_path, args, message):
     out = tmp_path / "never"

@@ -82,6 +82,10 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     t.add_argument("--val-split", type=float, default=0.0,
                    help="hold out this fraction of the training set (seeded) and evaluate on it instead of the test "
                         "set (its items keep the training transforms): to pick hyper-parameters without the test set")
+    t.add_argument("--eval-on", choices=("all", "main"), default="all",
+                   help="ist: score the global model on every rank, each on its shard of the eval set (every rank "
+                        "receives the units it lacks), or on the main process alone (each rank sends its part once: "
+                        "fewer bytes, a longer evaluation)")
     t.add_argument("--recompute-bn", type=int, default=0, metavar="BATCHES",
                    help="before each evaluation, set the scored model's BatchNorm statistics to those of its "
                         "activations over BATCHES batches of every rank's own training data (per-channel sums, one "
@@ -154,6 +158,19 @@ def check_args(args: argparse.Namespace) -> None:
     if args.method not in ("ist", "diloco") and (args.outer_lr != 1.0 or args.outer_momentum or args.outer_nesterov):
         raise SystemExit(f"--outer-lr/--outer-momentum/--outer-nesterov need --method ist or diloco, got --method "
                          f"{args.method}")
+    if getattr(args, "eval_on", "all") == "main":
+        if args.method != "ist":
+            raise SystemExit(f"--eval-on main needs --method ist (the baselines hold the whole model), got --method "
+                             f"{args.method}")
+        if getattr(args, "init", "real") == "meta":
+            raise SystemExit("--eval-on main puts the whole global model on one rank; with --init meta no rank may "
+                             "hold it: use --eval-on all (streamed)")
+        if args.recompute_bn:
+            raise SystemExit("--recompute-bn needs every rank to run the global model on its own data: use it with "
+                             "--eval-on all")
+        if is_local_template(getattr(args, "data", None)):
+            raise SystemExit("--eval-on main: node-local data ({rank}/{node} in --data) stays on its node, so every "
+                             "rank scores its own evaluation set; use --eval-on all")
     if args.method != "ist" and getattr(args, "assignment", "random") != "random":
         raise SystemExit(f"--assignment {args.assignment} needs --method ist, got --method {args.method}")
     if not all(0 < m < 1 for m in args.milestones):

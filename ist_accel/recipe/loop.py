@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
@@ -75,7 +76,7 @@ class Run:
     optimizer: Any
     scheduler: Any
     train_loader: Any
-    eval_loader: Any  # a prepared DataLoader, or LocalEval for node-local evaluation sets
+    eval_loader: Any  # a prepared DataLoader, LocalEval (node-local evaluation sets) or MainProcessEval
     progress: Progress
     total_steps: int
     batches_per_epoch: int  # of this rank's loader (node-local sets: its own, not the budget's)
@@ -92,6 +93,10 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader | Lo
     its evaluation view (every rank, a collective). With ``norm_batches`` the scored model's
     BatchNorm statistics are recomputed over every rank's batches first
     (:func:`~ist_accel.norm_statistics.recomputed_batchnorm`) and put back after."""
+    if isinstance(loader, MainProcessEval):
+        if not getattr(accelerator, "in_warmup", False):
+            return loader.accuracy(accelerator)
+        loader = loader.everywhere  # a data-parallel warm-up: every rank holds the whole model
     model.eval()
     recomputed = (recomputed_batchnorm(accelerator.unwrap_model(model), norm_batches) if norm_batches
                   else contextlib.nullcontext())
@@ -100,6 +105,30 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader | Lo
                     else _accuracy(accelerator, model, loader))
     model.train()
     return accuracy
+
+
+class MainProcessEval:
+    """``--eval-on main``: IST's global model is put together on the main process only (each
+    rank sends its part once) and scored there on the whole evaluation set; the score is
+    broadcast."""
+
+    def __init__(self, dataset: Any, batch_size: int, everywhere: DataLoader) -> None:
+        self.loader = DataLoader(dataset, batch_size=batch_size)
+        self.everywhere = everywhere  # the prepared, sharded loader (a warm-up scores with it)
+
+    def accuracy(self, accelerator: Accelerator) -> float:
+        score = torch.zeros(1, dtype=torch.float64, device=accelerator.device)
+        with accelerator.eval_global(dst=0) as model:
+            if model is not None:
+                correct = total = 0
+                with torch.no_grad():
+                    for x, y in self.loader:
+                        x, y = x.to(accelerator.device), y.to(accelerator.device)
+                        correct += int((model(x).argmax(-1) == y).sum())
+                        total += len(y)
+                score[0] = correct / max(total, 1)
+        dist.broadcast(score, 0)
+        return float(score[0])
 
 
 def _accuracy(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> float:
@@ -214,4 +243,4 @@ def train_loop(args: argparse.Namespace, run: Run) -> dict[str, Any] | None:
             "world_size": accelerator.num_processes, "train_seconds": train_seconds, "history": history, **memory}
 
 
-__all__ = ["NoPeriodicSync", "Progress", "Run", "evaluate", "lr_lambda", "reached_a_limit", "train_loop"]
+__all__ = ["MainProcessEval", "NoPeriodicSync", "Progress", "Run", "evaluate", "lr_lambda", "reached_a_limit", "train_loop"]

@@ -29,7 +29,7 @@ from .checkpoints import resume
 from .datasets import evenly_spaced, held_out_split, norm_batches
 from ..node_local import prepare_local_loader
 from .local_data import LocalEval, agreed_batches, data_per_rank, local_data
-from .loop import NoPeriodicSync, Progress, Run, lr_lambda, train_loop
+from .loop import MainProcessEval, NoPeriodicSync, Progress, Run, lr_lambda, train_loop
 from .process import reported_failure
 from .report import communication_report, count_exchanges, in_phase
 
@@ -127,6 +127,8 @@ def _run(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module, t
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         eval_loader = (LocalEval(accelerator, eval_set, args.eval_batch_size) if local.eval_local
                        else accelerator.prepare(eval_loader))
+    if getattr(args, "eval_on", "all") == "main":  # IST: the global model on the main process alone
+        eval_loader = MainProcessEval(eval_set, args.eval_batch_size, eval_loader)
     count_exchanges(tap, accelerator, model)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
