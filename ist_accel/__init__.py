@@ -39,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "LocalSource": "node_local",
     "local_source": "node_local",
     "prepare_local_loader": "node_local",
+    "recompute_batchnorm": "norm_statistics",
+    "recomputed_batchnorm": "norm_statistics",
     "check_setup": "preflight",
     "ReferenceIST": "reference",
     "IST": "round",
@@ -95,6 +97,8 @@ __all__ = [
     "local_source",
     "lower_bound",
     "prepare_local_loader",
+    "recompute_batchnorm",
+    "recomputed_batchnorm",
     "ring_allreduce_bytes",
 ]  # the keys of _EXPORTS (tests/test_imports.py checks)
 
@@ -114,6 +118,7 @@ if TYPE_CHECKING:  # static checkers see the real names; nothing below runs
     )
     from .faults import ISTAgreementError, ISTError, ISTNonFiniteError, ISTPeerFailure, ISTSyncError
     from .node_local import LocalSource, local_source, prepare_local_loader
+    from .norm_statistics import recompute_batchnorm, recomputed_batchnorm
     from .preflight import check_setup
     from .reference import ReferenceIST
     from .round import IST, RoundMetrics
