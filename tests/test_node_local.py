@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import ROOT, accelerate_launch  # noqa: E402
@@ -40,7 +41,7 @@ def write_node_folders(root: Path) -> None:
 
 
 @needs_mnist
-@pytest.mark.parametrize("method", ["ist", "ddp", "localsgd"])
+@pytest.mark.parametrize("method", ["ist", "ddp", "localsgd", "diloco"])
 def test_each_node_reads_only_its_own_folder_and_the_evaluation_aggregates_both(tmp_path, method):
     write_node_folders(tmp_path / "data")
     out = tmp_path / "out"
@@ -51,7 +52,7 @@ def test_each_node_reads_only_its_own_folder_and_the_evaluation_aggregates_both(
     assert (out / "results.json").exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
     r = json.loads((out / "results.json").read_text())
     assert r["split"] == "node-local" and r["method"] == method and r["steps"] == 10 and r["world_size"] == 2
-    assert r["rounds"] == {"ist": 2, "ddp": 10, "localsgd": 2}[method]
+    assert r["rounds"] == {"ist": 2, "ddp": 10, "localsgd": 2, "diloco": 2}[method]
     for rank, record in enumerate(r["data_per_rank"]):
         spec = NODES[rank]
         assert record["path"] == str(tmp_path / "data" / f"node{rank}") and record["node"] == 0
@@ -63,6 +64,35 @@ def test_each_node_reads_only_its_own_folder_and_the_evaluation_aggregates_both(
     assert len(r["history"]) == 2 and all(0 <= p["accuracy"] <= 1 for p in r["history"])
     # the same steps on both nodes whatever their sizes: 7 and 5 batches of 16 -> an epoch of 6
     assert r["epochs_per_rank"] == pytest.approx([10 * 16 / 120, 10 * 16 / 80])
+
+
+@needs_mnist
+def test_a_run_on_node_local_data_stopped_mid_epoch_resumes_as_if_never_stopped(tmp_path):
+    """Checkpoints every round; stopped at step 17 (mid-round, in the middle of both nodes' local
+    epochs: 7 and 5 batches), resumed from step 15: the same model, steps and accuracy as an
+    uninterrupted run, each node going on through its own set where it was."""
+    from ist_accel.sharded import load_folder
+
+    write_node_folders(tmp_path / "data")
+    common = ["--data", str(tmp_path / "data" / "node{rank}"), "--classes", CLASSES, "--hidden", "32", "32",
+              "--batch-size", "16", "--max-steps", "25", "--local-steps", "5", "--checkpoint-every", "5"]
+
+    def run(out, *extra):
+        return accelerate_launch(RECIPE, 2, [*common, "--output-dir", str(out), *extra])
+
+    proc = run(tmp_path / "whole")
+    assert (tmp_path / "whole" / "results.json").exists(), proc.stderr[-4000:]
+    run(tmp_path / "cut", "--stop-after-steps", "17")
+    assert not (tmp_path / "cut" / "results.json").exists()
+    proc = run(tmp_path / "cut", "--resume", "auto")
+    assert (tmp_path / "cut" / "results.json").exists(), proc.stderr[-4000:]
+    whole, resumed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
+    for key in ("steps", "rounds", "final_accuracy", "epochs_per_rank", "data_per_rank"):
+        assert resumed[key] == whole[key], key
+    a, b = load_folder(tmp_path / "whole" / "model"), load_folder(tmp_path / "cut" / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
 def parse_recipe_args(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """What a recipe evaluates on: a seeded held-out part of the training set
-(``--val-split``) or an evenly spaced subset (``--eval-samples``); and the batches of a
-rank's own training data that ``--recompute-bn`` measures BatchNorm statistics on."""
+(``--val-split``) or an evenly spaced subset (``--eval-samples``); the batches of a rank's
+own training data that ``--recompute-bn`` measures BatchNorm statistics on; and
+:class:`EpochSeeded`, which makes a training set's augmentation resumable."""
 
 from __future__ import annotations
 
@@ -33,6 +34,41 @@ def evenly_spaced(dataset, count: int):
     return torch.utils.data.Subset(dataset, [i * n // count for i in range(count)])
 
 
+class EpochSeeded(torch.utils.data.Dataset):
+    """``dataset`` whose random augmentation is a pure function of (seed, epoch, item): each
+    item is read under its own seed of the global torch RNG, which is put back after. A run
+    resumed mid-epoch then augments every item as the uninterrupted run did; before, it did
+    not: Accelerate's loaders fetch one batch ahead, so a checkpoint's RNG state was already
+    past the next batch's augmentation, which the resumed run drew again."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        rng = torch.random.default_generator
+        state = rng.get_state()
+        rng.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % 2**63)
+        try:
+            return self.dataset[index]
+        finally:
+            rng.set_state(state)
+
+
+def augments(dataset: Dataset) -> bool:
+    """Whether ``dataset`` (or a set it wraps) applies a transform, which may draw random numbers."""
+    while dataset is not None:
+        if getattr(dataset, "transform", None) is not None:
+            return True
+        dataset = getattr(dataset, "dataset", None)
+    return False
+
+
 def norm_batches(train_set: Dataset, count: int, batch_size: int, rank: int, world: int, seed: int,
                  device: torch.device, own: bool) -> list[torch.Tensor]:
     """``--recompute-bn``: ``count`` seeded batches of this rank's training inputs, drawn once
@@ -50,4 +86,4 @@ def norm_batches(train_set: Dataset, count: int, batch_size: int, rank: int, wor
     return batches
 
 
-__all__ = ["evenly_spaced", "held_out_split", "norm_batches"]
+__all__ = ["EpochSeeded", "augments", "evenly_spaced", "held_out_split", "norm_batches"]

@@ -176,6 +176,8 @@ def train_loop(args: argparse.Namespace, run: Run) -> dict[str, Any] | None:
             epoch, skip = divmod(progress.batches_seen, batches_per_epoch)
             loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
             loader.set_epoch(epoch)
+            if hasattr(loader.dataset, "set_epoch"):  # (Accelerate skips it for a loader resumed mid-epoch)
+                loader.dataset.set_epoch(epoch)
             for x, y in loader:
                 with accelerator.accumulate(model):
                     loss = nn.functional.cross_entropy(model(x), y)

@@ -26,7 +26,7 @@ from ..memory import dataset_tensors
 from ..wiretap import Wiretap
 from .arguments import ist_config, preflight
 from .checkpoints import resume
-from .datasets import evenly_spaced, held_out_split, norm_batches
+from .datasets import EpochSeeded, augments, evenly_spaced, held_out_split, norm_batches
 from ..node_local import prepare_local_loader
 from .local_data import LocalEval, agreed_batches, data_per_rank, local_data
 from .loop import MainProcessEval, NoPeriodicSync, Progress, Run, lr_lambda, train_loop
@@ -100,8 +100,11 @@ def _run(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module, t
     local = local_data(args, accelerator, train_set, eval_set)  # None: one set, sharded over all ranks (today's)
     if local is not None:
         train_set, eval_set = local.train_set, local.eval_set
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              num_workers=args.num_workers)
+    # augmentation drawn per item from (seed, epoch, item), and the loader's own generator for each epoch's base
+    # seed: both apart from the global RNG a checkpoint saves, so a resumed run draws what the first run drew
+    loaded = EpochSeeded(train_set, args.seed) if augments(train_set) else train_set
+    train_loader = DataLoader(loaded, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                              num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
     eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
     decay, no_decay = [], []
     for p in model.parameters():
