@@ -7,28 +7,22 @@ what each group holds and what it must receive from each other group.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from .transfer import FieldSpec, Layout, local_index, located_boxes, owner_rows
+from .transfer import FieldSpec, Layout, Segment, local_index, located_boxes, owner_rows
 from .transfer import compact_index as _index
 
 
 @dataclass
-class Part:
-    """A box of one field in a group's contribution: read at local ``rows`` x ``cols`` of
-    its ``store`` ("sub" or "own"), written at global ``at_rows`` x ``at_cols``."""
+class Part(Segment):
+    """A box of one field in a group's contribution: a :class:`~ist_accel.transfer.Segment`
+    read at local ``rows`` x ``cols`` of its ``store``, written at global ``at_rows`` x ``at_cols``."""
 
-    field: int
-    offset: int
-    numel: int
-    store: str
-    rows: torch.Tensor | None
-    cols: torch.Tensor | None
-    at_rows: torch.Tensor | None
-    at_cols: torch.Tensor | None
-    shape: tuple[int, ...]
+    at_rows: torch.Tensor | None = None
+    at_cols: torch.Tensor | None = None
 
 
 @dataclass
@@ -92,8 +86,8 @@ class GatherPlan:
                                  *(() if len(f.shape) < 2 else (f.shape[1] if cols is None else len(cols),)),
                                  *f.shape[2:])
                         n = torch.Size(shape).numel()
-                        c.parts.append(Part(i, c.size, n, kind, _index(local_rows), _index(local_cols), _index(rows), _index(cols),
-                                            shape))
+                        c.parts.append(Part(i, c.size, n, kind, _index(local_rows), _index(local_cols), shape,
+                                            at_rows=_index(rows), at_cols=_index(cols)))
                         c.size += n
         if agreed:
             self.frozen_shared += [i for i, _, _ in self.shared]
@@ -108,8 +102,7 @@ class GatherPlan:
         laid out afresh (``g``'s copy of a whole field: every holder has one)."""
         out = Contribution()
         for part in self.contributions[g].parts:
-            out.parts.append(Part(part.field, out.size, part.numel, part.store, part.rows, part.cols, part.at_rows,
-                                  part.at_cols, part.shape))
+            out.parts.append(dataclasses.replace(part, offset=out.size))
             out.size += part.numel
         for i in sorted(self.whole_holders):
             if g in self.whole_holders[i] and keep_whole(i):
