@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for the recipe")
     args = ap.parse_args(argv)
     if args.refresh:
+        missing = [str(folder) for folder in args.refresh if not (folder / "results.json").is_file()]
+        if missing:
+            raise SystemExit(f"--refresh: no results.json in {', '.join(missing)} (give folders compare.py wrote)")
         return {str(folder): refresh(folder) for folder in args.refresh}
     if args.task is None:
         ap.error("--task is required (unless --refresh)")
