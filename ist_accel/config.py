@@ -57,9 +57,9 @@ class ISTConfig:
         seed: shared seed; the assignment of round r is a pure function of (seed, r).
         eval_scaling: scale partitioned units in the evaluation view (ResIST: the
             residual branch by ``max(1/S, m/N)``; IST: inputs of cut layers by ``1/S``).
-        wire_dtype: dtype on the wire for the exchange (``"fp64"`` for float64 models, as
-            exact checks use); master values stay in the model's dtype, averaged in fp32
-            (float64 for a float64 model).
+        wire_dtype: dtype on the wire for the exchange and for reads of the global model at a
+            round end (``"fp64"`` for float64 models, as exact checks use); master values stay
+            in the model's dtype, averaged in fp32 (float64 for a float64 model).
         nonfinite: a subnet whose update holds NaN/Inf at sync: ``"raise"`` on every
             rank, or ``"skip"`` (drop that group's update of the round, warn; keeps a copy
             of the round's starting subnet).

@@ -70,13 +70,13 @@ class GlobalModel:
         self.owners, self.device, self.free, self.meta = owners, device, free, meta
         self.warned_round = -1  # the round a mid-round read was last warned about
 
-    def gather_state(self, plan: GatherPlan, current: Mapping[int, torch.Tensor], dst: int | None
-                     ) -> dict[str, torch.Tensor] | None:
+    def gather_state(self, plan: GatherPlan, current: Mapping[int, torch.Tensor], dst: int | None,
+                     for_eval: bool = False) -> dict[str, torch.Tensor] | None:
         """The global model's tensors (fresh copies) on rank ``dst`` (``None``: every rank), a
         collective; None on the other ranks. Integer buffers are the global module's own;
         tied names share one value; the module's ``state_dict`` order comes first."""
         out = {i: torch.empty(f.shape, dtype=f.dtype, device=self.device) for i, f in enumerate(plan.fields)}
-        if not self.view.gather(plan, current, self.owners.values, out, dst):
+        if not self.view.gather(plan, current, self.owners.values, out, dst, lossy=for_eval):
             return None
         state = {f.name: out[i] for i, f in enumerate(plan.fields)}
         state.update(integer_buffer_copies(self.module))

@@ -6,8 +6,8 @@ tensors with several holders live in each. What moves (:class:`~ist_accel.gather
 
 * **at a round end** (after a sync or a load, before the first round) the holders agree:
   every rank reads the shared set from its own subnet, and receives from each other group,
-  in one batch of messages, only the units and owner rows it lacks, each whole tensor from
-  one of its holders. Evaluating the model every round costs each rank what it lacks, once
+  in one batch of messages (in the exchange's wire dtype), only the units and owner rows it
+  lacks, each whole tensor from one of its holders. Evaluating the model every round costs each rank what it lacks, once
   (issue 34, item 5: before, the shared set was all-reduced and every group's contribution
   all-gathered, 2.2x the bytes on a ResNet);
 * **mid-round** the value is the mean over holders, as a sync would average them: the shared
@@ -41,9 +41,10 @@ class GlobalView:
     """Gathers the global model into ``model``'s tensors (module docstring)."""
 
     def __init__(self, topology: Topology, transport: Transport, device: torch.device,
-                 values: torch.dtype = torch.float32) -> None:
+                 values: torch.dtype = torch.float32, wire: torch.dtype | None = None) -> None:
         self.topology, self.transport, self.device = topology, transport, device
-        self.values = values  # the dtype contributions travel and are summed in
+        self.values = values  # the dtype contributions are summed in (and travel in mid-round)
+        self.wire = wire or values  # the dtype a round end's messages travel in (the exchange's)
         self._plans: dict[tuple[int, bool], GatherPlan] = {}
 
     def plan(self, round_: int, fields: Sequence[FieldSpec], layouts: Mapping[str, Layout],
@@ -55,17 +56,18 @@ class GlobalView:
         return self._plans[key]
 
     def gather(self, plan: GatherPlan, current: Mapping[int, torch.Tensor], owners: Mapping[str, torch.Tensor],
-               out: Mapping[int, torch.Tensor], dst: int | None = None) -> bool:
+               out: Mapping[int, torch.Tensor], dst: int | None = None, lossy: bool = False) -> bool:
         """Fill ``out[i]`` (global-shaped tensors of every field) on every rank (``dst=None``)
         or on rank ``dst`` only; ``current`` are this group's subnet tensors, ``owners`` its
-        owner shards. Returns whether this rank received the model."""
+        owner shards. Returns whether this rank received the model. ``lossy`` (an evaluation's
+        read): at a round end the pieces travel in the exchange's wire dtype; else exactly."""
         top, S = self.topology, self.topology.S
         if dst is not None and dst % top.G:
             raise ValueError(f"gather to rank {dst}: the destination must lead its group (a multiple of G={top.G})")
         if dst is not None and not top.is_leader:
             return False  # the leaders carry their groups' contributions
         if plan.agreed:
-            return self._gather_agreed(plan, current, owners, out, dst)
+            return self._gather_agreed(plan, current, owners, out, dst, self.wire if lossy else self.values)
         group = top.stripe  # G = 1: the default group; else this replica (leaders: replica 0) across groups
         # the shared set: summed over the groups
         bucket = torch.empty(plan.shared_numel, dtype=self.values, device=self.device)
@@ -147,15 +149,16 @@ class GlobalView:
             out[i].copy_(chunk[offset : offset + n].view(out[i].shape))
 
     def _gather_agreed(self, plan: GatherPlan, current: Mapping[int, torch.Tensor],
-                       owners: Mapping[str, torch.Tensor], out: Mapping[int, torch.Tensor], dst: int | None) -> bool:
+                       owners: Mapping[str, torch.Tensor], out: Mapping[int, torch.Tensor], dst: int | None,
+                       wire: torch.dtype) -> bool:
         """:meth:`gather` when the holders agree (:class:`GatherPlan`): one batch of messages,
         each carrying from one group to another only what the receiver lacks."""
         top, me = self.topology, self.topology.group_index
         receivers = range(top.S) if dst is None else [dst // top.G]
-        sends = {top.peer(q): self._pack(plan.needs[me, q], plan, current, owners)
+        sends = {top.peer(q): self._pack(plan.needs[me, q], plan, current, owners).to(wire)
                  for q in receivers if q != me and plan.needs[me, q].size}
         receiving = me in receivers and (dst is None or top.rank == dst)
-        recvs = {top.peer(g): torch.empty(plan.needs[g, me].size, dtype=self.values, device=self.device)
+        recvs = {top.peer(g): torch.empty(plan.needs[g, me].size, dtype=wire, device=self.device)
                  for g in range(top.S) if receiving and g != me and plan.needs[g, me].size}
         self.transport.point_to_point(sends, recvs, "gather")
         if not receiving:
@@ -164,7 +167,7 @@ class GlobalView:
             self._write(plan.own[me], self._pack(plan.own[me], plan, current, owners), out)
             for g in range(top.S):
                 if top.peer(g) in recvs:
-                    self._write(plan.needs[g, me], recvs[top.peer(g)], out)
+                    self._write(plan.needs[g, me], recvs[top.peer(g)].to(self.values), out)
             for i in plan.frozen_shared:
                 out[i].copy_(current[i])
         return True
@@ -210,7 +213,7 @@ class _Streamer:
                 plan = self.plans[path] = GatherPlan(fields, layouts, self.view.topology.S, self.shared_local)
             out = {k: torch.empty(f.shape, dtype=f.dtype, device=self.view.device) for k, f in enumerate(fields)}
             current = {k: self.current[i] for k, i in enumerate(picked) if i in self.current}
-            self.view.gather(plan, current, self.owners, out, dst=None)
+            self.view.gather(plan, current, self.owners, out, dst=None, lossy=True)  # (evaluation only)
             values = {i: out[k] for k, i in enumerate(picked)}
             self.moved += sum(t.numel() * t.element_size() for t in out.values())
         self.saved[path] = [(store, attr, store[attr]) for store, attr, _ in entries]

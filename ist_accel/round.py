@@ -114,7 +114,7 @@ class IST:
         self.values = value_dtype(dt for _, dt in self.global_shapes.values())
         self.exchange = Exchange(top, self.transport, wire_dtype=config.wire_dtype, device=self.device,
                                  values=self.values)
-        self.global_view = GlobalView(top, self.transport, self.device, self.values)
+        self.global_view = GlobalView(top, self.transport, self.device, self.values, wire=self.exchange.wire)
         self.optimizer = mirror_optimizer(optimizer, self.subnet, model, self.pieces, self.frozen)
         self.planner.base_fields = marked_frozen(self.planner.base_fields, self.frozen)
         self.tensors: SubnetTensors = SubnetTensors(self.subnet, self.optimizer)
@@ -219,22 +219,23 @@ class IST:
         a collective, called inside the caller's :meth:`Transport.communication`."""
         return read_current(self)
 
-    def gather_state(self, dst: int | None = 0) -> dict[str, torch.Tensor] | None:
+    def gather_state(self, dst: int | None = 0, for_eval: bool = False) -> dict[str, torch.Tensor] | None:
         """The global model's tensors (parameters and float buffers, fresh copies) on rank
         ``dst`` (``None``: every rank), a collective; None on the other ranks. At a round end
-        the averaged global model; between syncs, what a sync now would average."""
+        the averaged global model; between syncs, what a sync now would average. Exact, unless
+        ``for_eval``: then a round end's pieces travel in the wire dtype, as the exchange's do."""
         with self.transport.communication(f"gathering the global model at step {self.steps}"):
             plan, current = self.read_current()
-            return self.global_model.gather_state(plan, current, dst)
+            return self.global_model.gather_state(plan, current, dst, for_eval)
 
-    def gather_global(self, dst: int | None = 0) -> nn.Module | None:
+    def gather_global(self, dst: int | None = 0, for_eval: bool = False) -> nn.Module | None:
         """The global model itself, filled with :meth:`gather_state` on rank ``dst`` (``None``:
         every rank), a collective. Not for a model built on the meta device (no rank holds
         it whole): use :meth:`eval_global` (streamed) or a sharded save."""
         if self.meta:
             raise RuntimeError("the global model was built on the meta device, so it is never put together on one "
                                "rank: evaluate with eval_global()/evaluate() (streamed), save with save_sharded()")
-        return self.global_model.fill(self.gather_state(dst))
+        return self.global_model.fill(self.gather_state(dst, for_eval))
 
     @property
     def streams(self) -> bool:
@@ -248,14 +249,15 @@ class IST:
         """The global model in its evaluation view (all units, eval scaling). Streamed
         (:attr:`streams`): every module is gathered just before its forward and dropped
         after, so every rank must run the same forwards; else gathered whole, and its storage
-        dropped again on exit when the engine was built with ``free_global``."""
+        dropped again on exit when the engine was built with ``free_global``. At a round end
+        the pieces travel in the wire dtype (``ISTConfig.wire_dtype``; saves are exact)."""
         if self.streams and dst is None:
             with self.transport.communication(f"reading the global model at step {self.steps}"):
                 plan, current = self.read_current()
             with self.global_model.streamed(plan, self.layouts, current, shared_local=self.round_steps == 0) as view:
                 yield view
             return
-        with self.global_model.eval_view(self.gather_global(dst)) as view:
+        with self.global_model.eval_view(self.gather_global(dst, for_eval=True)) as view:
             yield view
 
     def evaluate(self, dataset: Sequence[Any], batch_size: int = 256, score: Score | None = None) -> float:

@@ -183,6 +183,7 @@ def test_half_precision_wire_halves_the_bytes(tmp_path, wire):
     for r32, r16 in zip(fp32, ranks):
         for a, b in zip(r32["history"], r16["history"]):
             assert b["bytes_sent"] == pytest.approx(a["bytes_sent"] / 2, rel=0.01)
+        assert r16["eval_gather_bytes"] == [b / 2 for b in r32["eval_gather_bytes"]]  # an evaluation's read too
     expected = reference("mlp", 2, 1, "reset", rounds=3, local_steps=2)[0].state_dict()
     for name, value in expected.items():
         if value.is_floating_point():  # master values stay fp32; only the wire is rounded
