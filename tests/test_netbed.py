@@ -145,6 +145,32 @@ def test_ist_recipe_across_two_shaped_nodes_counted_by_the_kernel(tmp_path):
     assert results["network"]["rate"] == "100mbit"
 
 
+@pytest.mark.long
+@needs_root
+@pytest.mark.skipif(not MNIST.exists(), reason=f"real data missing: {MNIST} (../shared absent)")
+def test_node_local_folders_by_node_across_two_hosts(tmp_path):
+    """Issue 35 across hosts: one launcher per network node (``--machine_rank``), ``{node}`` in
+    ``--data``: each node reads only its own folder (other digits, other sizes), and the
+    global model is scored on both nodes' test sets."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_node_local import CLASSES, NODES, write_node_folders
+
+    network = _load("network")
+    write_node_folders(tmp_path / "data")
+    out = tmp_path / "ist"
+    recipe = [str(ROOT / "recipes" / "ist_mlp.py"), "--data", str(tmp_path / "data" / "node{node}"), "--classes",
+              CLASSES, "--method", "ist", "--num-subnets", "2", "--max-steps", "10", "--local-steps", "5",
+              "--eval-every", "5", "--hidden", "32", "32", "--batch-size", "16", "--output-dir", str(out)]
+    run = network.run_on_network(recipe, out, nodes=2, rate="100mbit", timeout=240)
+    assert mine(os.getpid()) == []
+    assert run["split"] == "node-local" and run["steps"] == 10 and run["rounds"] == 2
+    for rank, record in enumerate(run["data_per_rank"]):
+        spec = NODES[rank]
+        assert (record["node"], record["path"]) == (rank, str(tmp_path / "data" / f"node{rank}"))
+        assert record["train_classes"] == {str(d): spec["train"] for d in spec["classes"]}
+    assert run["evaluated_on"] == {"split": "node-local test", "items": 80}
+
+
 @needs_root
 def test_linkprobe_moves_each_pattern_near_the_rate_and_leaves_no_network():
     """benchmarks/linkprobe.py on 2 nodes at 50 Mbit/s: one flow, the ring all-reduce and the
