@@ -28,12 +28,11 @@ launch), :mod:`ist_accel.ist_model` (the model ``prepare`` returns), :mod:`ist_a
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -199,11 +198,16 @@ class ISTAccelerator(Accelerator):
     def eval_global(self, dst: int | None = None) -> Iterator[nn.Module | None]:
         """The global model in its evaluation view on every rank (a collective), or on rank
         ``dst`` only (None elsewhere): each rank then sends its part once, and only ``dst``
-        receives what it lacks (fewer bytes; ``dst`` scores alone)."""
-        with self._engine().eval_global(dst=dst) as view:
-            if view is not None:
-                view.eval()
-            yield view
+        receives what it lacks (fewer bytes; ``dst`` scores alone). The time inside is left out
+        of the round's compute time, as ``model.eval()`` does."""
+        engine, started = self._engine(), time.perf_counter()
+        try:
+            with engine.eval_global(dst=dst) as view:
+                if view is not None:
+                    view.eval()
+                yield view
+        finally:
+            engine.exclude_from_compute(time.perf_counter() - started)
 
     def get_state_dict(self, model: nn.Module, unwrap: bool = True, raw: bool = False) -> dict[str, torch.Tensor]:
         """For the IST model: the global model's state dict, gathered from the subnets (call
