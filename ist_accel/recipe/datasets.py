@@ -74,6 +74,8 @@ def norm_batches(train_set: Dataset, count: int, batch_size: int, rank: int, wor
     """``--recompute-bn``: ``count`` seeded batches of this rank's training inputs, drawn once
     and kept for every evaluation (``own``: ``train_set`` is this rank's alone, node-local or
     split; else items ``rank, rank + world, ...`` of the shared set)."""
+    if count == 0:  # (no batch read: nothing drawn from the RNG that training goes on with)
+        return []
     if not own:
         train_set = torch.utils.data.Subset(train_set, range(rank, len(train_set), world))
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True,
