@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 DECOMPOSITIONS = ("auto", "resist", "ist_mlp", "layers", "ffn", "heads")
 OPTIMIZER_STATE_POLICIES = ("reset", "carry", "local")
-WIRE_DTYPES = ("fp32", "bf16", "fp16", "fp64")
+WIRE_DTYPES = ("fp32", "bf16", "fp16", "fp64", "int8", "int4", "fp8")
 NONFINITE_POLICIES = ("raise", "skip")
 GLOBAL_VIEWS = ("auto", "gather", "stream")
 ASSIGNMENTS = ("random", "rotate")
@@ -59,7 +59,11 @@ class ISTConfig:
             residual branch by ``max(1/S, m/N)``; IST: inputs of cut layers by ``1/S``).
         wire_dtype: dtype on the wire for the exchange and for reads of the global model at a
             round end (``"fp64"`` for float64 models, as exact checks use); master values stay
-            in the model's dtype, averaged in fp32 (float64 for a float64 model).
+            in the model's dtype, averaged in fp32 (float64 for a float64 model). ``"int8"``,
+            ``"int4"`` and ``"fp8"`` (e4m3) quantize the exchange: codes with one fp32 scale per
+            block of ``wire_block`` elements, rounded stochastically (:mod:`ist_accel.wire_codec`);
+            an evaluation's reads then travel in bf16.
+        wire_block: elements per scale of a quantized wire (ignored by the others).
         nonfinite: a subnet whose update holds NaN/Inf at sync: ``"raise"`` on every
             rank, or ``"skip"`` (drop that group's update of the round, warn; keeps a copy
             of the round's starting subnet).
@@ -87,6 +91,7 @@ class ISTConfig:
     seed: int = 0
     eval_scaling: bool = True
     wire_dtype: str = "fp32"
+    wire_block: int = 64
     nonfinite: str = "raise"
     sync_timeout: float = 600.0
     global_view: str = "auto"
@@ -104,6 +109,7 @@ class ISTConfig:
         _check_int("local_steps", self.local_steps, minimum=1)
         _check_int("min_blocks", self.min_blocks, minimum=0)
         _check_int("group_size", self.group_size, minimum=1)
+        _check_int("wire_block", self.wire_block, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         _check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)

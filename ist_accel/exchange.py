@@ -22,13 +22,15 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from .exchange_store import Buffers, OwnerShards
+from .quantized_wire import message_runs, quantized_shared_mean, round_own_whole, rounds_own_whole
 from .topology import Topology
 from .transfer import Segment, TransferPlan, read_box, write_box
 from .transport import Transport
+from .wire_codec import QUANTIZED, WireCodec
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -37,62 +39,6 @@ def value_dtype(dtypes) -> torch.dtype:
     """The dtype values are averaged in: float64 when the model holds float64 tensors
     (exact checks), else float32 (master values of fp32, bf16 or fp16 models)."""
     return torch.float64 if torch.float64 in set(dtypes) else torch.float32
-
-
-class OwnerShards:
-    """Rows of index-cut tensors that this group owns while no group holds them
-    (:func:`~ist_accel.transfer.owner_rows`): name -> values of rows ``[lo, hi)``."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.rows: dict[str, tuple[int, int]] = {}
-        self.values: dict[str, torch.Tensor] = {}
-
-    def ensure(self, name: str, rows: tuple[int, int], shape: torch.Size, dtype: torch.dtype,
-               init: torch.Tensor | None = None) -> torch.Tensor:
-        if name not in self.values:
-            lo, hi = rows
-            self.rows[name] = rows
-            self.values[name] = (init[lo:hi].detach().clone().to(self.device) if init is not None else
-                                 torch.zeros((hi - lo, *shape[1:]), dtype=dtype, device=self.device))
-        return self.values[name]
-
-    def numel(self) -> int:
-        return sum(v.numel() for v in self.values.values())
-
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.values.values())
-
-    def state_dict(self) -> dict[str, Any]:
-        """Copies of the shards and their rows, for a checkpoint of this rank."""
-        return {"owners": {n: v.clone() for n, v in self.values.items()},
-                "owner_rows": {n: list(r) for n, r in self.rows.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (shards of optimizer state appear at the first sync)."""
-        for name, value in state["owners"].items():
-            self.rows[name] = tuple(state["owner_rows"][name])
-            self.values[name] = value.to(self.device)
-
-
-class Buffers:
-    """Flat buffers by name, grown when a plan needs more and reused otherwise."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._store: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        key = (name, dtype)
-        held = self._store.get(key)
-        if held is None or held.numel() < numel:
-            held = torch.empty(max(numel, int(1.25 * held.numel()) if held is not None else numel), dtype=dtype,
-                               device=self.device)
-            self._store[key] = held
-        return held[:numel]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._store.values())
 
 
 @dataclass
@@ -119,10 +65,14 @@ class Exchange:
     """Runs transfer plans for one rank (module docstring)."""
 
     def __init__(self, topology: Topology, transport: Transport, wire_dtype: str = "fp32",
-                 device: torch.device | str = "cpu", values: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", values: torch.dtype = torch.float32,
+                 wire_block: int = 64, seed: int = 0) -> None:
         self.topology, self.transport = topology, transport
-        self.wire = WIRE_DTYPES[wire_dtype]
         self.values = values  # the dtype averages are computed in (:func:`value_dtype`)
+        # quantized: messages are packed in the value dtype, then encoded into bytes (:mod:`ist_accel.wire_codec`)
+        self.codec = WireCodec(wire_dtype, wire_block, seed, values) if wire_dtype in QUANTIZED else None
+        self.wire = values if self.codec else WIRE_DTYPES[wire_dtype]  # the dtype messages are packed in
+        self._runs: tuple[TransferPlan | None, dict] = (None, {})
         self.device = torch.device(device)
         self.owners = OwnerShards(self.device)
         self.buffers = Buffers(self.device)
@@ -166,6 +116,8 @@ class Exchange:
             for i, at in plan.whole_out[c]:
                 value = current[i]
                 messages[c][at : at + value.numel()].copy_(value.reshape(-1))
+        if self.codec:
+            messages = self._encode(plan, messages)
         keep = self.buffers.get("keep", plan.keep_size, self.values)  # local: not rounded to the wire dtype
         for seg in plan.keep_out:
             self._take(plan, current, seg, keep)
@@ -173,6 +125,16 @@ class Exchange:
             value = current[i]
             keep[at : at + value.numel()].copy_(value.reshape(-1))
         return Packed(bucket, messages, keep)
+
+    def _encode(self, plan: TransferPlan, messages: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        sizes = {c: self.codec.payload_size(self.runs(plan, c, True)) for c in messages}
+        flat = self.buffers.get("send_codes", sum(sizes.values()), torch.uint8)
+        out, offset = {}, 0
+        for c in sorted(messages):
+            out[c] = self.codec.encode(messages[c], self.runs(plan, c, True), plan.round,
+                                       flat[offset : offset + sizes[c]])
+            offset += sizes[c]
+        return out
 
     def _take(self, plan: TransferPlan, current: Mapping[int, torch.Tensor], seg: Segment, out: torch.Tensor) -> None:
         source = current[seg.field] if seg.store == "sub" else self.owners.values[plan.fields[seg.field].name]
@@ -183,17 +145,23 @@ class Exchange:
     def wire_messages(self, plan: TransferPlan, packed: Packed) -> float:
         """Move the bucket and the messages; returns the seconds of the shared all-reduce."""
         top, G = self.topology, self.topology.G
-        recv = self.buffers.get("recv", sum(_stripe_size(n, G, top.replica) for n in plan.recv_sizes.values()), self.wire)
+        sizes = plan.recv_sizes
+        if self.codec:
+            sizes = {a: self.codec.payload_size(self.runs(plan, a, False)) if n else 0 for a, n in sizes.items()}
+        carrier = torch.uint8 if self.codec else self.wire
+        recv = self.buffers.get("recv", sum(_stripe_size(n, G, top.replica) for n in sizes.values()), carrier)
         stripes, offset = {}, 0
-        for a in sorted(plan.recv_sizes):
-            k = _stripe_size(plan.recv_sizes[a], G, top.replica)
+        for a in sorted(sizes):
+            k = _stripe_size(sizes[a], G, top.replica)
             stripes[a] = recv[offset : offset + k]
             offset += k
         # the units' messages fly while the shared set is all-reduced
         works = self.transport.start({top.peer(c): _stripe(m, G, top.replica) for c, m in packed.messages.items()},
                                      {top.peer(a): s for a, s in stripes.items()}, "exchange")
         start = time.perf_counter()
-        if plan.shared_numel and top.S > 1:
+        if plan.shared_numel and top.S > 1 and self.codec:
+            quantized_shared_mean(self.codec, self.transport, top, plan, packed.bucket, self.buffers.get)
+        elif plan.shared_numel and top.S > 1:
             stripe = _stripe(packed.bucket, G, top.replica)
             self.transport.all_reduce(stripe, "shared", group=top.stripe)
             if G > 1:
@@ -202,28 +170,41 @@ class Exchange:
         for work in works:
             work.wait()
         if G > 1:
-            full = self.buffers.get("recv_full", sum(plan.recv_sizes.values()), self.wire)
+            full = self.buffers.get("recv_full", sum(sizes.values()), carrier)
             whole, offset = {}, 0
-            for a in sorted(plan.recv_sizes):
-                whole[a] = full[offset : offset + plan.recv_sizes[a]]
-                offset += plan.recv_sizes[a]
-            self._gather_stripes(whole, plan.recv_sizes, "gathered", mine=stripes)
+            for a in sorted(sizes):
+                whole[a] = full[offset : offset + sizes[a]]
+                offset += sizes[a]
+            self._gather_stripes(whole, sizes, "gathered", mine=stripes, dtype=carrier)
             packed.received = whole
         else:
             packed.received = stripes
+        if self.codec:
+            packed.received = self._decode(plan, packed.received)
         return shared
 
+    def _decode(self, plan: TransferPlan, received: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        flat = self.buffers.get("recv_values", sum(plan.recv_sizes.values()), self.values)
+        out, offset = {}, 0
+        for a in sorted(plan.recv_sizes):
+            n = plan.recv_sizes[a]
+            out[a] = flat[offset : offset + n]
+            if n:
+                self.codec.decode(received[a], self.runs(plan, a, False), out[a])
+            offset += n
+        return out
+
     def _gather_stripes(self, whole: dict[int, torch.Tensor], sizes: Mapping[int, int], name: str,
-                        mine: dict[int, torch.Tensor] | None = None) -> None:
+                        mine: dict[int, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> None:
         """Fill each ``whole[k]`` (``sizes[k]`` elements) from every replica's stripe of it:
         one all-gather inside the group of the replicas' stripes, padded to one length."""
         top, G = self.topology, self.topology.G
         keys = sorted(sizes)
         lengths = [sum(_stripe_size(sizes[k], G, g) for k in keys) for g in range(G)]
         width = max(lengths)
-        gathered = self.buffers.get(name, G * width, self.wire)
+        gathered = self.buffers.get(name, G * width, dtype or self.wire)
         parts = [gathered[g * width : (g + 1) * width] for g in range(G)]
-        local = self.buffers.get(name + "_local", width, self.wire)
+        local = self.buffers.get(name + "_local", width, dtype or self.wire)
         offset = 0
         for k in keys:
             piece = mine[k] if mine is not None else _stripe(whole[k], G, top.replica)
@@ -257,6 +238,11 @@ class Exchange:
                     return packed.received[holder][where : where + n].view(target.shape)
                 return target if where == "inplace" else packed.keep[where : where + n].view(target.shape)
 
+            if self.codec and rounds_own_whole(plan, avg.field, avg.parts):  # as the other holders receive it
+                own = [where for holder, where in avg.parts if holder == me]
+                if own:
+                    value = part(me, own[0])
+                    value.copy_(round_own_whole(self.codec, plan, avg.field, value.to(self.values)))
             first_inplace = avg.parts[0] == (me, "inplace") and target.dtype == self.values
             acc = target if first_inplace else self.buffers.get("average", n, self.values).view(target.shape)
             if not first_inplace:
@@ -267,16 +253,28 @@ class Exchange:
                 acc.div_(avg.count)
             if acc is not target:
                 target.copy_(acc)
+        for i in self._kept_but_sent(plan):  # held alone and kept, but sent to others too
+            targets[i].copy_(round_own_whole(self.codec, plan, i, targets[i].to(self.values)))
         S = self.topology.S
+        divide = S > 1 and self.codec is None  # a quantized shared set arrives as the mean
         if plan.shared and packed.bucket is self._flat_bucket(plan):  # the shared tensors are views of it
-            if S > 1:
+            if divide:
                 packed.bucket.div_(S)
             return
         for i, offset, n in plan.shared:
             target = targets[i]
             target.copy_(packed.bucket[offset : offset + n].view(target.shape))
-            if S > 1:
+            if divide:
                 target.div_(S)
+
+    def _kept_but_sent(self, plan: TransferPlan) -> list[int]:
+        """Whole tensors this group alone held, keeps in place, and sends to other next holders."""
+        if not self.codec:
+            return []
+        averaged = {avg.field for avg in plan.averages}
+        sent = {i for items in plan.whole_out.values() for i, _ in items}
+        return [i for i in sorted(sent - averaged) if plan.group in plan.next[plan.fields[i].param].holders
+                and rounds_own_whole(plan, i, [(plan.group, "inplace")])]
 
     def _put(self, plan: TransferPlan, targets: Mapping[int, torch.Tensor], seg: Segment, source: torch.Tensor) -> None:
         target = targets[seg.field] if seg.store == "sub" else self.owners.values[plan.fields[seg.field].name]
@@ -290,6 +288,28 @@ class Exchange:
     def nbytes(self) -> int:
         """Memory the exchange keeps between rounds: its buffers (owner shards not included)."""
         return self.buffers.nbytes()
+
+    @property
+    def bytes_per_element(self) -> float:
+        """Wire bytes per value (a quantized wire's codes and their share of the scales)."""
+        return self.codec.bytes_per_element() if self.codec else torch.tensor([], dtype=self.wire).element_size()
+
+    @property
+    def read_dtype(self) -> torch.dtype:
+        """The dtype an evaluation's read of the global model travels in: the wire's, bf16
+        under a quantized wire (reads have no blocks of their own)."""
+        return torch.bfloat16 if self.codec else self.wire
+
+    def runs(self, plan: TransferPlan, peer: int, outgoing: bool):
+        """The quantized wire's runs of a message (cached for the plan)."""
+        held, cache = self._runs
+        if held is not plan:
+            cache = {}
+            self._runs = (plan, cache)
+        key = (peer, outgoing)
+        if key not in cache:
+            cache[key] = message_runs(plan, peer, outgoing)
+        return cache[key]
 
 
 def _stripe_size(n: int, parts: int, i: int) -> int:

@@ -10,7 +10,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from .exchange import Timings
 from .transfer import TransferPlan
@@ -75,8 +74,9 @@ class RoundBook:
         self.totals = Totals()
         self.ledger_at_sync = transport.ledger.copy()
 
-    def record(self, round_: int, plan: TransferPlan, wire: torch.dtype, cost: SyncCost) -> RoundMetrics:
-        """The metrics of the sync that ended round ``round_`` (added to the totals)."""
+    def record(self, round_: int, plan: TransferPlan, wire_bytes: float, cost: SyncCost) -> RoundMetrics:
+        """The metrics of the sync that ended round ``round_`` (added to the totals);
+        ``wire_bytes`` per element give the lower bound in bytes."""
         ledger = self.transport.ledger.copy()
         before = self.ledger_at_sync
 
@@ -86,7 +86,7 @@ class RoundBook:
         shared = delta("shared", 0)
         sent, received = delta("exchange", 0) + shared, delta("exchange", 1) + delta("shared", 1)
         other = sum(delta(k, 0) for k in ledger if k not in ("shared", "exchange"))
-        lower = plan.bound_sent * torch.tensor([], dtype=wire).element_size() / self.group_size
+        lower = plan.bound_sent * wire_bytes / self.group_size
         t = cost.timings
         metrics = RoundMetrics(round_, int(sent), int(received), lower, int(shared), int(delta("intra", 0)),
                                cost.sync, cost.compute, cost.plan, cost.check, t.pack, t.wire, t.unpack, other)

@@ -23,8 +23,10 @@ from torch import nn
 from .config import OPTIMIZER_STATE_POLICIES
 from .decompositions import Decomposition, average_into_global, keep_frozen, kept_tensors, load_subnet
 from .outer import OuterSGD
+from .reference_wire import ReferenceWire
 from .subnet import keep_optimizer_state
 from .tensors import Piece, state_tensors
+from .wire_codec import WireCodec
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -42,6 +44,8 @@ class ReferenceIST:
             ``"local"`` lets each subnet keep the state of a tensor it holds again next
             round (same global tensor and index), the rest fresh.
         outer: the outer optimizer (``ISTConfig.outer()``); None or plain averaging: none.
+        wire: a quantized wire's codec (:mod:`ist_accel.reference_wire`); None: values
+            travel exactly.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class ReferenceIST:
         optimizer_factory: OptimizerFactory,
         optimizer_state: str = "reset",
         outer: OuterSGD | None = None,
+        wire: WireCodec | None = None,
     ) -> None:
         if optimizer_state not in OPTIMIZER_STATE_POLICIES:
             raise ValueError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATE_POLICIES)}, "
@@ -64,6 +69,9 @@ class ReferenceIST:
         self.frozen = {n for n, p in decomposition.model.named_parameters() if not p.requires_grad}
         self.round = 0
         self.outer = None if outer is None or outer.is_plain_average else outer
+        if wire is not None and self.outer is not None:
+            raise ValueError("the reference models a quantized wire with plain averaging only (outer_lr=1, no momentum)")
+        self.wire = None if wire is None else ReferenceWire(wire, decomposition.num_subnets)
         if self.outer is not None:  # the global parameters' outer SGD, on copies it steps from `before`
             trained = [n for n, _ in decomposition.model.named_parameters() if n not in self.frozen]
             self.outer_params = {n: torch.zeros_like(self.global_tensors[n], requires_grad=True) for n in trained}
@@ -97,7 +105,34 @@ class ReferenceIST:
             average_optimizer_state(self.global_optimizer_state, self.global_tensors, state_contributions)
         if self.outer is not None:
             self._outer_step(before, held)
+        if self.wire is not None:
+            self._through_the_wire(contributions, state_contributions)
         self.round += 1
+
+    def _through_the_wire(self, contributions, state_contributions) -> None:
+        """The averaged values as the quantized wire delivers them to round r+1's places."""
+        d = self.decomposition
+        following = d.assignment(self.round + 1)
+        fields = [(n, n, n in self.frozen) for n in self.global_tensors]
+        tensors = dict(self.global_tensors)
+        by_field: dict[str, dict[int, torch.Tensor]] = {}
+        for s, (pieces, values) in enumerate(contributions):
+            for piece in pieces:
+                by_field.setdefault(piece.global_name, {})[s] = values[piece.subnet_name]
+        if self.optimizer_state == "carry":
+            for name, entries in self.global_optimizer_state.items():
+                for key, value in entries.items():
+                    fields.append((f"{name}:{key}", name, value.dim() == 0))
+                    tensors[f"{name}:{key}"] = value
+            for s, (pieces, state) in enumerate(state_contributions):
+                for piece in pieces:
+                    for key, value in state.get(piece.subnet_name, {}).items():
+                        by_field.setdefault(f"{piece.global_name}:{key}", {})[s] = value
+        now = [d.pieces(d.assignment(self.round), s) for s in range(d.num_subnets)]
+        nxt = [d.pieces(following, s) for s in range(d.num_subnets)]
+        total = sum(t.numel() for t in tensors.values())
+        with torch.no_grad():
+            self.wire.apply(self.round, fields, tensors, now, nxt, by_field, total)
 
     def _outer_step(self, before: dict[str, torch.Tensor], held: dict[str, torch.Tensor]) -> None:
         """x <- before - outer step(before - average) where held; elsewhere value and momentum stay."""

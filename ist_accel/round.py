@@ -113,8 +113,8 @@ class IST:
         keep_frozen(self.subnet, self.frozen, self.pieces)
         self.values = value_dtype(dt for _, dt in self.global_shapes.values())
         self.exchange = Exchange(top, self.transport, wire_dtype=config.wire_dtype, device=self.device,
-                                 values=self.values)
-        self.global_view = GlobalView(top, self.transport, self.device, self.values, wire=self.exchange.wire)
+                                 values=self.values, wire_block=config.wire_block, seed=config.seed)
+        self.global_view = GlobalView(top, self.transport, self.device, self.values, wire=self.exchange.read_dtype)
         self.optimizer = mirror_optimizer(optimizer, self.subnet, model, self.pieces, self.frozen)
         self.planner.base_fields = marked_frozen(self.planner.base_fields, self.frozen)
         self.tensors: SubnetTensors = SubnetTensors(self.subnet, self.optimizer)

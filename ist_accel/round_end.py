@@ -117,7 +117,7 @@ def end_round(ist: IST) -> RoundMetrics:
     keep_frozen(ist.subnet, ist.frozen, ist.pieces)
     ist.round += 1
     ist.round_steps = 0
-    metrics = ist.book.record(ist.round - 1, plan, ist.exchange.wire,
+    metrics = ist.book.record(ist.round - 1, plan, ist.exchange.bytes_per_element,
                               SyncCost(timings, check, sync_seconds, compute, plan_seconds))
     take_snapshot(ist)
     ist.planner.prepare(ist.round, ist.layouts, state, moves_state(ist))  # round r+1 -> r+2, ahead of its sync

@@ -33,7 +33,7 @@ def expected_error(S, G, local, m, decomposition, stages, wire, world, model) ->
             return name
     if decomposition not in ("auto", "resist", "ist_mlp", "layers", "ffn", "heads"):
         return "decomposition"
-    if wire not in ("fp32", "bf16", "fp16"):
+    if wire not in ("fp32", "bf16", "fp16", "int8", "int4", "fp8"):
         return "wire_dtype"
     if not isinstance(stages, str) or not stages:
         return "stages"
@@ -62,10 +62,10 @@ def expected_error(S, G, local, m, decomposition, stages, wire, world, model) ->
 
 PLAUSIBLE = {"S": [1, 2, 3, 4, 8], "G": [1, 2], "local": [1, 5, 50], "m": [0, 0, 1, 2, 3],
              "decomposition": ["auto", "resist", "ist_mlp", "layers"], "stages": [*STAGES, "longest"],
-             "wire": ["fp32", "bf16", "fp16"]}
+             "wire": ["fp32", "bf16", "fp16", "int8", "int4", "fp8"]}
 BAD = {"S": [0, -1, True, 2.0, "2", None], "G": [0, -2, True, 1.0], "local": [0, -3, 2.5, True, "5"],
        "m": [-1, "1", False, 1.5], "decomposition": ["blocks", 3, None], "stages": ["", 7, None],
-       "wire": ["fp8", "float32", 16], "world": [-1, 0, 3, 7, 2.5, "2"]}
+       "wire": ["e4m3", "float32", "int2", 16], "world": [-1, 0, 3, 7, 2.5, "2"]}
 
 
 @st.composite
@@ -113,7 +113,7 @@ FLAG_VALUES = {
     "--local-steps": ["0", "1", "5", "10", "2.5"],
     "--min-blocks": ["-1", "0", "1", "2", "3"],
     "--decomposition": ["auto", "resist", "ist_mlp", "blocks"],
-    "--wire-dtype": ["fp32", "bf16", "fp8"],
+    "--wire-dtype": ["fp32", "bf16", "fp8", "int4", "int3"],
     "--mixed-precision": ["no", "bf16", "fp8"],
     "--checkpoint-every": ["0", "10", "15"],
     "--arch": ["preact_resnet20", "preact_resnet32", "resnet9"],
@@ -149,7 +149,7 @@ def test_recipe_cli_fails_cleanly_or_runs_its_preflight(tmp_path, monkeypatch, c
 # and docs/wandb.md, docs/reliability.md "Bad input"), not from recipe.check_args:
 INTEGER_FLAGS = ("--num-subnets", "--group-size", "--local-steps", "--min-blocks", "--checkpoint-every")
 CHOICES = {"--decomposition": ("auto", "resist", "ist_mlp", "layers", "ffn", "heads"),
-           "--wire-dtype": ("fp32", "bf16", "fp16"), "--mixed-precision": ("no", "fp16", "bf16"),
+           "--wire-dtype": ("fp32", "bf16", "fp16", "int8", "int4", "fp8"), "--mixed-precision": ("no", "fp16", "bf16"),
            "--arch": tuple(f"preact_resnet{d}" for d in (18, 34, 50, 101, 152, 20, 32, 56, 110))}
 RECIPE_DEFAULTS = {"--local-steps": "50", "--min-blocks": "0", "--checkpoint-every": "0", "--decomposition": "resist"}
 # ResIST's default stage ('longest') is layer3 without its strided first block: 3 - 1 and 5 - 1

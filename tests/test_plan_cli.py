@@ -65,7 +65,8 @@ def test_bad_input_gets_a_clear_error(capsys, args, message):
     ("num_subnets", 0, "num_subnets must be >= 1"),
     ("local_steps", 1.5, "local_steps must be an integer"),
     ("optimizer_state", "keep", "optimizer_state must be one of reset, carry, local; got 'keep'"),
-    ("wire_dtype", "int8", "wire_dtype must be one of fp32, bf16, fp16"),
+    ("wire_dtype", "int2", "wire_dtype must be one of fp32, bf16, fp16, fp64, int8, int4, fp8; got 'int2'"),
+    ("wire_block", 0, "wire_block must be >= 1"),
     ("group_size", True, "group_size must be an integer"),
 ])
 def test_config_validation(field, value, message):

@@ -40,7 +40,9 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
                    help="meta: build the model on the meta device; IST then materializes only each rank's subnet "
                         "and owner shard (the baselines materialize the same initial values whole)")
     g.add_argument("--optimizer-state", choices=OPTIMIZER_STATE_POLICIES, default="reset")
-    g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="fp32")
+    g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="fp32",
+                   help="ist: the exchange's dtype; int8 / int4 / fp8: codes with a scale per --wire-block elements")
+    g.add_argument("--wire-block", type=int, default=64, help="ist: elements per scale of a quantized wire")
     g.add_argument("--outer-lr", type=float, default=1.0,
                    help="ist: outer SGD lr over each round's pseudo-gradient (1 with momentum 0: plain averaging, "
                         "the papers; DiLoCo: 0.7)")
@@ -267,7 +269,7 @@ def ist_config(args: argparse.Namespace) -> ISTConfig:
             num_subnets=args.num_subnets, local_steps=args.local_steps, min_blocks=args.min_blocks,
             decomposition=args.decomposition, stages=args.stages, optimizer_state=args.optimizer_state,
             group_size=args.group_size, seed=args.seed, eval_scaling=not args.no_eval_scaling,
-            wire_dtype=args.wire_dtype, sync_timeout=getattr(args, "sync_timeout", 600.0),
+            wire_dtype=args.wire_dtype, wire_block=getattr(args, "wire_block", 64), sync_timeout=getattr(args, "sync_timeout", 600.0),
             outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, outer_nesterov=args.outer_nesterov,
             assignment=getattr(args, "assignment", "random"),
         )

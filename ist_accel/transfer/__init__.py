@@ -24,8 +24,8 @@ Four units, each with one job:
 from .box_io import compact_index, local_index, read_box, write_box
 from .cells import Box, field_bound, located_boxes
 from .layout import FieldSpec, Layout, layouts, owner_group, owner_rows
-from .plan import Average, Segment, TransferPlan, build_plan, shared_in_messages
+from .plan import Average, Segment, TransferPlan, build_plan, shared_in_messages, shared_rides_messages
 
 __all__ = ["Average", "Box", "FieldSpec", "Layout", "Segment", "TransferPlan", "build_plan", "compact_index",
            "field_bound", "layouts", "local_index", "located_boxes", "owner_group", "owner_rows", "read_box",
-           "shared_in_messages", "write_box"]
+           "shared_in_messages", "shared_rides_messages", "write_box"]

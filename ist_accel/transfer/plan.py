@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .box_io import compact_index, local_index
@@ -29,6 +30,19 @@ class Segment:
     rows: torch.Tensor | None
     cols: torch.Tensor | None
     shape: tuple[int, ...]
+    box: Box | None = None  # the global rows x columns (the quantized wire's blocks follow them)
+
+    def global_index(self, shape: torch.Size) -> torch.Tensor:
+        """The flat global indices of the segment's elements, in its (row-major) order."""
+        rows = torch.arange(shape[0]) if self.box is None or self.box.rows is None else torch.from_numpy(
+            np.asarray(self.box.rows, dtype=np.int64))
+        if len(shape) == 1:
+            return rows
+        cols = torch.arange(shape[1]) if self.box is None or self.box.cols is None else torch.from_numpy(
+            np.asarray(self.box.cols, dtype=np.int64))
+        k = trailing_numel(shape)
+        cells = rows[:, None] * shape[1] + cols[None, :]
+        return (cells[..., None] * k + torch.arange(k)).reshape(-1)
 
 
 @dataclass
@@ -209,10 +223,16 @@ def shared_in_messages(fields: Sequence[FieldSpec], now: Mapping[str, Layout], f
     is so small (at most 256 KiB and 1% of all the fields) that the all-reduce's latency,
     not its bytes, would cost the time. It then moves ``(S-1)`` instead of ``2 (S-1)/S`` of
     its size: at most a few tenths of a percent more bytes."""
-    if S < 3:
-        return S == 2  # with two groups both ways move the same bytes
     total = sum(f.numel for f in fields)
     shared = sum(f.numel for f in fields if not f.frozen and _is_shared(f, now[f.param], following[f.param], S))
+    return shared_rides_messages(S, shared, total)
+
+
+def shared_rides_messages(S: int, shared: int, total: int) -> bool:
+    """The rule of :func:`shared_in_messages` on the counts: ``shared`` trained elements held
+    by every group in both rounds, ``total`` elements of every field."""
+    if S < 3:
+        return S == 2  # with two groups both ways move the same bytes
     return 0 < shared * 4 <= SMALL_SHARED_BYTES and shared <= 0.01 * total
 
 
@@ -222,7 +242,8 @@ def _segment(i: int, offset: int, n: int, kind: str, box: Box, layout: Layout, m
     rows, cols = local_index(box, kind, layout, owner_rows(shape[0], S, me)[0])
     box_shape = (shape[0] if box.rows is None else len(box.rows),
                  *(() if len(shape) < 2 else ((shape[1] if box.cols is None else len(box.cols)),)), *shape[2:])
-    return Segment(i, offset, n, kind, compact_index(rows), compact_index(cols), tuple(box_shape))
+    return Segment(i, offset, n, kind, compact_index(rows), compact_index(cols), tuple(box_shape), box)
 
 
-__all__ = ["SMALL_SHARED_BYTES", "Average", "Segment", "TransferPlan", "build_plan", "shared_in_messages"]
+__all__ = ["SMALL_SHARED_BYTES", "Average", "Segment", "TransferPlan", "build_plan", "shared_in_messages",
+           "shared_rides_messages"]

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=2)
     ap.add_argument("--wire-dtype", default="fp32")
+    ap.add_argument("--wire-block", type=int, default=64)
     ap.add_argument("--out", required=True)
     ap.add_argument("--nonfinite", default="raise")
     ap.add_argument("--decomposition", default="auto")
@@ -46,7 +47,7 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
                        optimizer_state=args.policy, seed=5 + dist.get_rank() * args.seed_rank_offset,
-                       wire_dtype=args.wire_dtype, nonfinite=args.nonfinite, decomposition=args.decomposition, sync_timeout=args.timeout,
+                       wire_dtype=args.wire_dtype, wire_block=args.wire_block, nonfinite=args.nonfinite, decomposition=args.decomposition, sync_timeout=args.timeout,
                        outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, outer_nesterov=args.outer_nesterov,
                        min_blocks=args.min_blocks, assignment=args.assignment)
     model = make_model(args.model, dtype)
