@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=5, help="round transitions to time (after one untimed)")
     ap.add_argument("--min-blocks", type=int, default=0)
     ap.add_argument("--hidden", default="1024,1024", help="mlp only")
-    ap.add_argument("--wire-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--wire-dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8", "int4", "fp8"])
     ap.add_argument("--gpu", action="store_true", help="NCCL, one GPU per worker")
     ap.add_argument("--grid", action="store_true", help="run the grid of docs/exchange.md (MLP and ResNet-101, "
                                                         "S = 2 and 4, G = 2, fp32 and bf16)")

@@ -83,17 +83,15 @@ def rounds_own_whole(plan: TransferPlan, i: int, parts: Sequence[tuple[int, int 
 # ---- the shared set --------------------------------------------------------------
 
 
-def block_bounds(plan: TransferPlan, block: int, parts: int) -> list[int]:
-    """``parts + 1`` element offsets in the shared bucket cutting its blocks (per tensor,
-    from the tensor's start) into near-equal counts."""
-    ends = []
-    for _, offset, n in plan.shared:
-        ends += [min(offset + (k + 1) * block, offset + n) for k in range(math.ceil(n / block))]
-    bounds = [0]
-    for p in range(parts):
-        count = len(ends) * (p + 1) // parts
-        bounds.append(ends[count - 1] if count else 0)
-    return bounds
+def block_bounds(plan: TransferPlan, block: int, parts: int, lo: int = 0, hi: int | None = None) -> list[int]:
+    """``parts + 1`` offsets in the shared bucket that cut the blocks inside ``[lo, hi)``
+    (blocks of ``block`` from each tensor's start; ``lo``, ``hi`` at block ends) into
+    near-equal counts."""
+    hi = plan.shared_numel if hi is None else hi
+    ends = [e for _, offset, n in plan.shared for k in range(math.ceil(n / block))
+            if lo < (e := min(offset + (k + 1) * block, offset + n)) <= hi]
+    return [lo] + [ends[len(ends) * (p + 1) // parts - 1] if len(ends) * (p + 1) // parts else lo
+                   for p in range(parts)]
 
 
 def _chunk_runs(plan: TransferPlan, lo: int, hi: int, *stream) -> list[Run]:
@@ -116,7 +114,7 @@ def quantized_shared_mean(codec: WireCodec, transport: Transport, topology: Topo
     top, S, G, me = topology, topology.S, topology.G, topology.group_index
     stripes = block_bounds(plan, codec.block, G)
     s_lo, s_hi = stripes[top.replica], stripes[top.replica + 1]
-    inner = [s_lo + b for b in _sub_bounds(plan, codec.block, s_lo, s_hi, S)]
+    inner = block_bounds(plan, codec.block, S, s_lo, s_hi)
     chunks = [(inner[j], inner[j + 1]) for j in range(S)]
     # step 1: chunk j of every group's values to group j
     sizes = [codec.payload_size(_chunk_runs(plan, lo, hi, 1, me)) for lo, hi in chunks]
@@ -161,14 +159,6 @@ def quantized_shared_mean(codec: WireCodec, transport: Transport, topology: Topo
         transport.all_gather([pieces[g * width : (g + 1) * width] for g in range(G)], local, "intra", group=top.intra)
         for g in range(G):
             bucket[stripes[g] : stripes[g + 1]].copy_(pieces[g * width : g * width + stripes[g + 1] - stripes[g]])
-
-
-def _sub_bounds(plan: TransferPlan, block: int, lo: int, hi: int, parts: int) -> list[int]:
-    """Offsets from ``lo`` cutting the blocks inside ``[lo, hi)`` into ``parts`` near-equal counts."""
-    ends = []
-    for _, offset, n in plan.shared:
-        ends += [e - lo for k in range(math.ceil(n / block)) if lo < (e := min(offset + (k + 1) * block, offset + n)) <= hi]
-    return [0] + [ends[len(ends) * (p + 1) // parts - 1] if len(ends) * (p + 1) // parts else 0 for p in range(parts)]
 
 
 __all__ = ["block_bounds", "message_runs", "quantized_shared_mean", "round_own_whole", "rounds_own_whole"]

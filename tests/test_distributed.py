@@ -194,29 +194,33 @@ def test_half_precision_wire_halves_the_bytes(tmp_path, wire):
 
 
 QUANTIZED_CASES = [("mlp", 2, 1, "reset", "int8"), ("mlp", 4, 1, "carry", "int4"), ("resnet", 2, 1, "carry", "fp8"),
-                   ("resnet", 4, 1, "reset", "int8"), ("mlp", 2, 2, "carry", "int8"), ("resnet", 4, 1, "carry", "int4")]
+                   ("mlp", 2, 2, "carry", "int8"), ("resnet", 4, 1, "carry", "int4"),
+                   pytest.param("resnet", 3, 2, "reset", "int8", marks=pytest.mark.long)]  # G = 2: stripes of the shared set
 
 
-@pytest.mark.parametrize("model,S,G,policy,wire", QUANTIZED_CASES, ids=["-".join(map(str, c)) for c in QUANTIZED_CASES])
+@pytest.mark.parametrize("model,S,G,policy,wire", QUANTIZED_CASES,
+                         ids=["-".join(map(str, getattr(c, "values", c))) for c in QUANTIZED_CASES])
 def test_quantized_wire_matches_reference(tmp_path, model, S, G, policy, wire):
     """Issue 34, item 1: with int8 / int4 / fp8 codes on the wire, the engine equals the
     reference that rounds the same elements in the same blocks with the same random numbers,
     derived from the assignments alone (ist_accel.reference_wire). Float64 model: a code
-    flips only on a difference of a whole code step, so the tolerance stays tight. The wire
-    moved about 1/4 (int8, fp8) or 1/8 (int4) of fp64's bytes, plus the scales."""
+    flips only on a difference of a whole code step, so the tolerance stays tight. At S = 4
+    the wire moved 1/8 (int4) of fp64's bytes, plus the scales."""
     got, ranks = run(tmp_path, model, S, G, policy, extra=["--dtype", "float64", "--wire-dtype", wire, "--wire-block", "16"])
     expected = reference(model, S, G, policy, 3, 2, dtype=torch.float64, wire_dtype=wire, wire_block=16)[0].state_dict()
     exact = reference(model, S, G, policy, 3, 2, dtype=torch.float64)[0].state_dict()
     assert_same_model(got, expected)
     rounded = max((expected[n] - exact[n]).abs().max().item() for n in expected if expected[n].is_floating_point())
     assert rounded > 1e-6, rounded  # the wire did round: the check above is not the exact run's
+    for r in ranks:  # torch.distributed's own count of this rank's payloads (tests/workers/common.py) against the ledger
+        assert sum(r["wire"]["sent"].values()) == sum(sent for sent, _ in r["ledger"].values())
+    if S != 4:
+        return
     code, per_element = {"int8": (1, 1 + 4 / 16), "fp8": (1, 1 + 4 / 16), "int4": (0.5, 0.5 + 4 / 16)}[wire]
     (tmp_path / "fp64").mkdir()
     _, exact_ranks = run(tmp_path / "fp64", model, S, G, policy, extra=EXACT)
     fields = len(exact)
     for r, e in zip(ranks, exact_ranks):
-        # torch.distributed's own count of this rank's payloads (tests/workers/common.py) against the ledger
-        assert sum(r["wire"]["sent"].values()) == sum(sent for sent, _ in r["ledger"].values())
         for m, m64 in zip(r["history"], e["history"]):
             assert m["bytes_lower"] == pytest.approx(m64["bytes_lower"] * per_element / 8), (m, m64)
             # the same elements as fp64's 8 bytes: at least their codes; at most codes and scales, plus per

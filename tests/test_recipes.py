@@ -159,14 +159,15 @@ def test_ist_syncs_its_last_shorter_round_before_scoring_and_counts_it(tmp_path)
 
 
 @needs_mnist
-@pytest.mark.parametrize("policy", ["reset", "reset-diloco", "local"])
+@pytest.mark.parametrize("policy", ["reset", "reset-diloco", "local", "local-int4"])
 def test_stop_mid_round_and_resume_equals_uninterrupted(tmp_path, policy):
     """Checkpoints every 2 rounds; a run stopped at step 45 (mid-round) resumes from step 40
     and ends with the parameters of an uninterrupted run, with DiLoCo's outer step too (its
     momentum is in the checkpoint) and under ``local`` (each rank's kept optimizer state is).
     (``carry`` is resumed in the kill drill of test_reliability.py and under DeepSpeed in
-    test_zero.py.)"""
+    test_zero.py.) An int4 wire resumes as exactly: its random numbers are a function of the round."""
     outer = ["--outer-lr", "0.7", "--outer-momentum", "0.9", "--outer-nesterov"] if policy.endswith("diloco") else []
+    outer += ["--wire-dtype", "int4"] if policy.endswith("int4") else []
     common = ["--data", str(MNIST), "--hidden", "128", "128", "--max-steps", "70", "--local-steps", "10",
               "--checkpoint-every", "20", "--optimizer-state", policy.split("-")[0], "--schedule", "cosine", *outer]
     whole = launch("ist_mlp.py", common, tmp_path / "whole")

@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--route", choices=["trainer", "callback", "apply"], default="trainer",
                     help="ISTTrainer(ist_config=...), a plain Trainer subclass with callbacks=[ISTCallback(...)], "
                          "or the built plain Trainer subclass handed to ist_accel.apply(trainer, config)")
+    ap.add_argument("--wire-dtype", default="fp32")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -73,7 +74,7 @@ def main() -> None:
         if args.zero_stage else None)
     policy, _, outer = args.policy.partition("-")  # "reset-diloco": DiLoCo's outer step (issue 17)
     config = ISTConfig(num_subnets=args.num_subnets, group_size=args.group_size, local_steps=args.local_steps,
-                       optimizer_state=policy, decomposition=args.decomposition, seed=5,
+                       optimizer_state=policy, decomposition=args.decomposition, seed=5, wire_dtype=args.wire_dtype,
                        **({"outer_lr": 0.7, "outer_momentum": 0.9, "outer_nesterov": True} if outer == "diloco" else {}))
     data = {"train_dataset": token_set(args.steps * args.accum * BATCH * world, 1),
             "eval_dataset": token_set(4 * BATCH * world, 2)}
