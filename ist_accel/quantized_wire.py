@@ -30,8 +30,13 @@ from .wire_codec import Run, WireCodec, noise, stream_id
 
 
 def _is_raw(plan: TransferPlan, i: int) -> bool:
+    """Fields that travel exactly: frozen ones (they would drift with every move), scalar
+    optimizer state (Adam's step count) and float buffers: a BatchNorm running variance
+    rounded to a coarse code can become 0, and the scored model then divides by sqrt(eps)
+    (int4 on CIFAR-10: evaluations at chance between good ones). Buffers are a few values
+    per channel: ~0.5 % of a ResNet's fields."""
     f = plan.fields[i]
-    return f.frozen or f.scalar or len(f.shape) == 0
+    return f.frozen or f.scalar or f.buffer or len(f.shape) == 0
 
 
 def message_runs(plan: TransferPlan, peer: int, outgoing: bool) -> list[Run]:
@@ -102,7 +107,7 @@ def _chunk_runs(plan: TransferPlan, lo: int, hi: int, *stream) -> list[Run]:
         a, b = max(lo, offset), min(hi, offset + n)
         if a < b:
             runs.append(Run(a - lo, b - a, stream_id(plan.fields[i].name, "shared", *stream),
-                            torch.arange(a - offset, b - offset)))
+                            torch.arange(a - offset, b - offset), _is_raw(plan, i)))
     return runs
 
 

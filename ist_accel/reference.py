@@ -113,7 +113,9 @@ class ReferenceIST:
         """The averaged values as the quantized wire delivers them to round r+1's places."""
         d = self.decomposition
         following = d.assignment(self.round + 1)
-        fields = [(n, n, n in self.frozen) for n in self.global_tensors]
+        parameters = {n for n, _ in d.model.named_parameters()}
+        fields = [(n, n, "frozen" if n in self.frozen else "coded" if n in parameters else "exact")
+                  for n in self.global_tensors]
         tensors = dict(self.global_tensors)
         by_field: dict[str, dict[int, torch.Tensor]] = {}
         for s, (pieces, values) in enumerate(contributions):
@@ -122,7 +124,7 @@ class ReferenceIST:
         if self.optimizer_state == "carry":
             for name, entries in self.global_optimizer_state.items():
                 for key, value in entries.items():
-                    fields.append((f"{name}:{key}", name, value.dim() == 0))
+                    fields.append((f"{name}:{key}", name, "exact" if value.dim() == 0 else "coded"))
                     tensors[f"{name}:{key}"] = value
             for s, (pieces, state) in enumerate(state_contributions):
                 for piece in pieces:

@@ -8,7 +8,9 @@ assignments alone (no transfer plan), tensor by tensor (:mod:`ist_accel.wire_cod
 * a whole tensor held by one group that keeps it alone stays exact; otherwise every next
   holder takes the mean, in holder order, of every holder's decoded value;
 * the shared set (whole in every group, both rounds, and not riding in the messages):
-  each group's value rounded, the sum in group order divided by S, rounded again.
+  each group's value rounded, the sum in group order divided by S, rounded again;
+* frozen tensors, float buffers (BatchNorm's running statistics) and scalar optimizer state
+  travel exactly.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ class ReferenceWire:
     def apply(self, round_: int, fields: Sequence[tuple[str, str, bool]], tensors: Mapping[str, torch.Tensor],
               now: Sequence[list[Piece]], following: Sequence[list[Piece]],
               contributions: Mapping[str, dict[int, torch.Tensor]], total_numel: int) -> None:
-        """``fields``: (field name, tensor name its pieces follow, raw) in the engine's naming;
+        """``fields``: (field name, tensor name its pieces follow, how it travels: "coded",
+        "exact" (buffers, scalar state) or "frozen") in the engine's naming;
         ``tensors[field]`` its averaged global value (rewritten in place); ``now[s]`` /
         ``following[s]`` the subnets' pieces in the two rounds; ``contributions[field][s]``
         subnet ``s``'s value of a whole tensor it held; ``total_numel`` every field's size."""
         held_now, held_next = _by_tensor(now), _by_tensor(following)
-        shared = [f for f, param, raw in fields if not raw and self._is_shared(held_now[param], held_next[param])]
+        shared = [f for f, param, how in fields if how != "frozen" and self._is_shared(held_now[param], held_next[param])]
         rides = shared_rides_messages(self.S, sum(tensors[f].numel() for f in shared), total_numel)
-        for name, param, raw in fields:
-            if raw or tensors[name].dim() == 0:
+        for name, param, how in fields:
+            if how != "coded" or tensors[name].dim() == 0:
                 continue
             P, Pn = held_now[param], held_next[param]
             target = tensors[name]

@@ -103,8 +103,10 @@ class IST:
         self.assignment = self.decomposition.assignment(0)
         post_check(self, "set-up")()  # another model or config on some rank: ISTAgreementError, never a gloo abort
         agree_on_initial_values(self.transport, self.initial_values, model, list(self.global_shapes), self.device)
-        fields = [FieldSpec(n, sh, dt, frozen=n in self.frozen) for n, (sh, dt) in self.global_shapes.items()]
-        self.planner = RoundPlanner(self.decomposition, fields, {n for n, _ in model.named_parameters()},
+        parameters = {n for n, _ in model.named_parameters()}
+        fields = [FieldSpec(n, sh, dt, frozen=n in self.frozen, buffer=n not in parameters)
+                  for n, (sh, dt) in self.global_shapes.items()]
+        self.planner = RoundPlanner(self.decomposition, fields, parameters,
                                     self.group_index, S, self.device)
         self.layouts = self.planner.layouts(self.assignment)
         self.subnet = self.decomposition.build_subnet(self.group_index)

@@ -220,14 +220,16 @@ def test_quantized_wire_matches_reference(tmp_path, model, S, G, policy, wire):
     (tmp_path / "fp64").mkdir()
     _, exact_ranks = run(tmp_path / "fp64", model, S, G, policy, extra=EXACT)
     fields = len(exact)
+    buffers = sum(b.numel() for b in make_model(model).buffers() if b.is_floating_point())
     for r, e in zip(ranks, exact_ranks):
         for m, m64 in zip(r["history"], e["history"]):
             assert m["bytes_lower"] == pytest.approx(m64["bytes_lower"] * per_element / 8), (m, m64)
             # the same elements as fp64's 8 bytes: at least their codes; at most codes and scales, plus per
             # message (to S-1 peers, and the shared set's two steps) a part-filled block per tensor
-            # (optimizer state: 2 fields per parameter) and three sections padded to 8 bytes
+            # (optimizer state: 2 fields per parameter) and three sections padded to 8 bytes; float buffers
+            # (BatchNorm's statistics) travel exactly, at most twice (the shared set's two steps)
             assert code / 8 * m64["bytes_sent"] <= m["bytes_sent"], (m, m64)
-            slack = 3 * (S - 1) * (3 * 7 + 4 * 2 * fields)
+            slack = 3 * (S - 1) * (3 * 7 + 4 * 2 * fields) + 2 * 8 * buffers
             assert m["bytes_sent"] <= per_element / 8 * m64["bytes_sent"] + slack, (m, m64)
 
 

@@ -48,6 +48,7 @@ class FieldSpec:
     source: str = ""
     frozen: bool = False
     scalar: bool = False  # a per-tensor scalar state entry (Adam's step): held whole
+    buffer: bool = False  # a float buffer (BatchNorm's running statistics): exact on a quantized wire
 
     @property
     def param(self) -> str:
