@@ -57,7 +57,9 @@ def message_runs(plan: TransferPlan, peer: int, outgoing: bool) -> list[Run]:
         f = plan.fields[i]
         start = current[0][0]
         n = sum(seg.numel if seg is not None else f.numel for _, _, seg in current)
-        index = None if current[0][2] is None else torch.cat([seg.global_index(f.shape) for _, _, seg in current])
+        segments = [seg for _, _, seg in current]
+        index = None if segments[0] is None else (  # computed when the run is coded, not kept
+            lambda: torch.cat([seg.global_index(f.shape) for seg in segments]))
         runs.append(Run(start, n, stream_id(f.name, sender), index, _is_raw(plan, i)))
         current.clear()
 

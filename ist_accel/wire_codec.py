@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,14 +70,20 @@ def blocks_of(index: torch.Tensor, block: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Run:
     """``numel`` elements of one tensor at ``offset`` in a message: ``stream`` names their
-    random numbers, ``index`` are their global indices (None: the whole tensor, in order),
-    ``raw`` runs (frozen tensors, scalar state) travel exactly, in the value dtype."""
+    random numbers, ``index`` are their global indices (None: the whole tensor, in order; or
+    a function returning them, so that a cached run keeps no per-element memory), ``raw``
+    runs (frozen tensors, buffers, scalar state) travel exactly, in the value dtype."""
 
     offset: int
     numel: int
     stream: int
-    index: torch.Tensor | None = None
+    index: torch.Tensor | Callable[[], torch.Tensor] | None = None
     raw: bool = False
+
+    def global_index(self, device: torch.device) -> torch.Tensor:
+        if self.index is None:
+            return torch.arange(self.numel, device=device)
+        return (self.index() if callable(self.index) else self.index).to(device)
 
 
 class WireCodec:
@@ -127,13 +133,6 @@ class WireCodec:
 
     # ---- a message of runs -----------------------------------------------------
 
-    def _labels(self, run: Run, device: torch.device) -> torch.Tensor:
-        if run.index is None:
-            return torch.arange(run.numel, device=device) // self.block
-        return blocks_of(run.index.to(device), self.block)
-
-    def _index(self, run: Run, device: torch.device) -> torch.Tensor:
-        return torch.arange(run.numel, device=device) if run.index is None else run.index.to(device)
 
     def payload_size(self, runs: Sequence[Run]) -> int:
         """Bytes of an encoded message: scales, then raw values, then codes (each section
@@ -163,8 +162,9 @@ class WireCodec:
                 raw[ri : ri + run.numel].copy_(x)
                 ri += run.numel
                 continue
-            labels = self._labels(run, x.device)
-            u = noise(self.seed, round_, run.stream, self._index(run, x.device), x.dtype)
+            index = run.global_index(x.device)
+            labels = blocks_of(index, self.block)
+            u = noise(self.seed, round_, run.stream, index, x.dtype)
             c, s = self.quantize(x, labels, u)
             scales[si : si + s.numel()].copy_(s)
             si += s.numel()
@@ -183,7 +183,7 @@ class WireCodec:
                 target.copy_(raw[ri : ri + run.numel])
                 ri += run.numel
                 continue
-            labels = self._labels(run, out.device)
+            labels = blocks_of(run.global_index(out.device), self.block)
             nb = math.ceil(run.numel / self.block)
             size = self._code_size(run.numel)
             c = codes[ci : ci + size]
